@@ -1,0 +1,99 @@
+"""Shared CLI pieces: options defined once, comma lists, error handling."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+from ..errors import BnprobeError
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list such as ``8,32,128``, converted element-wise.
+
+    Args:
+        kind: Element type (``int`` or ``float``).
+        minimum: Smallest allowed element (inclusive), or None.
+    """
+
+    name = "list"
+
+    def __init__(self, kind: type = int, minimum: float | None = None) -> None:
+        self.kind = kind
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        parts = [p.strip() for p in str(value).split(",")]
+        if not value or any(p == "" for p in parts):
+            self.fail(f"{value!r} is not a comma-separated list (e.g. 8,32,128)", param, ctx)
+        try:
+            items = [self.kind(p) for p in parts]
+        except ValueError:
+            self.fail(f"{value!r}: every element must be a {self.kind.__name__}", param, ctx)
+        if self.minimum is not None:
+            bad = [x for x in items if x < self.minimum]
+            if bad:
+                self.fail(f"{value!r}: elements must be at least {self.minimum} (got {bad[0]})",
+                          param, ctx)
+        return items
+
+
+def seed_option(f: Callable) -> Callable:
+    """``--seed``: the seed every generator of the command is built from."""
+    return click.option("--seed", type=int, default=0, show_default=True,
+                        help="Seed of the run's random generators.")(f)
+
+
+def device_option(f: Callable) -> Callable:
+    """``--device auto|cpu|cuda``."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto, cpu, cuda or cuda:N.")(f)
+
+
+def out_option(default: str, help_text: str) -> Callable:
+    """``--out`` with a command-specific default."""
+    return click.option("--out", default=default, show_default=True, help=help_text)
+
+
+def quiet_option(f: Callable) -> Callable:
+    """``--quiet``: no progress bars or per-epoch lines."""
+    return click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")(f)
+
+
+def unsafe_load_option(f: Callable) -> Callable:
+    """``--unsafe-load``: allow unpickling arbitrary objects from a checkpoint."""
+    return click.option("--unsafe-load", is_flag=True,
+                        help="Allow checkpoints holding pickled Python objects (trusted files only).")(f)
+
+
+def echo(message: str = "") -> None:
+    """Print a line to stdout."""
+    click.echo(message)
+
+
+def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
+    """Run a command body: user errors become one line and exit 2 (traceback with --debug)."""
+    debug = bool((ctx.find_root().obj or {}).get("debug"))
+    try:
+        return call()
+    except BnprobeError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as exc:  # a bug: say so in one line unless debugging
+        if debug:
+            raise
+        click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
+                   "(rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,123 @@
+"""Option values as ``str`` Enums, validated early with a message that names the bad value."""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from .errors import BnprobeError
+
+E = TypeVar("E", bound="Choice")
+
+
+class Choice(str, enum.Enum):
+    """Base class of bnprobe's option enums: ``Norm.parse("bn")`` or ``Norm("bn")``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls: type[E], value: str | E, what: str | None = None) -> E:
+        """Convert ``value`` to this enum, raising a BnprobeError naming it when invalid.
+
+        Args:
+            value: A member or its string value (case-insensitive).
+            what: The option's name for the message (defaults to the class name).
+
+        Returns:
+            The enum member.
+        """
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower()
+        for member in cls:
+            if member.value == text:
+                return member
+        allowed = ", ".join(m.value for m in cls)
+        raise BnprobeError(f"invalid {what or cls.__name__.lower()} {value!r}; choose from {allowed}")
+
+
+class Device(Choice):
+    """Where computation runs; ``auto`` picks CUDA when available."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Norm(Choice):
+    """Normalization after each convolution."""
+
+    NONE = "none"
+    BN = "bn"
+    WN = "wn"
+    AN = "an"
+
+
+class DatasetName(Choice):
+    """Datasets bnprobe reads."""
+
+    DIGITS = "digits"
+    CIFAR10 = "cifar10"
+    IMAGEFOLDER = "imagefolder"
+    SYNTHETIC = "synthetic"
+
+
+class Split(Choice):
+    """Data splits."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class MeasureMode(Choice):
+    """How BN layers behave while measuring: all in training mode, or only the measured one."""
+
+    JOINT = "joint"
+    ISOLATED = "isolated"
+
+
+class Reference(Choice):
+    """Reference statistics mu, sigma^2 that V and U are measured against."""
+
+    POPULATION = "population"
+    RUNNING = "running"
+
+
+class Optimizer(Choice):
+    """Optimizers for training."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+def resolve_device(device: str | Device | None = None):
+    """Resolve ``auto``/``cpu``/``cuda`` (or a torch device string like ``cuda:1``) to a torch.device.
+
+    Args:
+        device: The requested device; None means auto.
+
+    Returns:
+        A ``torch.device``.
+
+    Raises:
+        BnprobeError: When CUDA is requested but not available, or the value is unknown.
+    """
+    import torch
+
+    if device is None:
+        device = Device.AUTO
+    if isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BnprobeError(f"device {device!r} requested but CUDA is not available")
+        return torch.device(text)
+    choice = Device.parse(text, "device")
+    if choice is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice is Device.CUDA and not torch.cuda.is_available():
+        raise BnprobeError("device 'cuda' requested but CUDA is not available")
+    return torch.device(choice.value)
