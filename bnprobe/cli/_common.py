@@ -78,11 +78,13 @@ def echo(message: str = "") -> None:
 
 def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     """Run a command body: user errors become one line and exit 2 (traceback with --debug)."""
-    debug = bool((ctx.find_root().obj or {}).get("debug"))
+    def debug() -> bool:  # read late: the group callback sets it during the call
+        return bool((ctx.find_root().obj or {}).get("debug"))
+
     try:
         return call()
     except BnprobeError as exc:
-        if debug:
+        if debug():
             traceback.print_exc()
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
@@ -92,7 +94,7 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # a bug: say so in one line unless debugging
-        if debug:
+        if debug():
             raise
         click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
                    "(rerun with --debug for the traceback)", err=True)

@@ -52,4 +52,5 @@ class AllCNN(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the classes for a batch of images."""
         return torch.log_softmax(self.features(x).mean(dim=(2, 3)), dim=1)

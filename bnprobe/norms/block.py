@@ -23,4 +23,5 @@ class ConvNorm(nn.Module):
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized convolution output."""
         return self.norm(self.conv(x))

@@ -1,0 +1,5 @@
+"""``python -m bnprobe``."""
+
+from .cli.main import main
+
+main()

@@ -1,0 +1,110 @@
+"""Recording V and U of BN layers over random batches with forward pre-hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._layers import hooks_removed, reduce_dims, spatial_size
+from .reference import _StopForward
+
+
+class LayerRecord:
+    """Preallocated V, U buffers of one layer for one batch size.
+
+    Attributes:
+        v: Per fraction, a (draws, C) tensor of V.
+        u: Per fraction, a (draws, C) tensor of U.
+        spatial: Spatial positions of the layer's input.
+    """
+
+    def __init__(self, draws: int, channels: int, fractions: Sequence[float], device: torch.device) -> None:
+        self.v = {f: torch.empty(draws, channels, device=device) for f in fractions}
+        self.u = {f: torch.empty(draws, channels, device=device) for f in fractions}
+        self.spatial = 0
+
+
+def _batch_stats(x: torch.Tensor, fraction: float, generator: torch.Generator | None):
+    """Biased mean/variance over batch and (a random fraction of) spatial positions."""
+    if fraction < 1.0:
+        flat = x.flatten(2)
+        z = flat.shape[2]
+        keep = max(1, int(round(fraction * z)))
+        pick = torch.randperm(z, device=x.device, generator=generator)[:keep]
+        var, mean = torch.var_mean(flat[:, :, pick], dim=(0, 2), correction=0)
+    else:
+        var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+class Recorder:
+    """Attach pre-hooks that compute V, U of each layer's input for the current draw.
+
+    Args:
+        layers: ``(name, module)`` of the BN layers to record.
+        reference: name -> (mu, sigma^2) of each layer's input.
+        fractions: Spatial fractions to record (1.0 = all positions).
+        generator: Device generator for the random spatial subsets.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, nn.Module]],
+        reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        fractions: Sequence[float],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.fractions = list(fractions)
+        self.generator = generator
+        self.records: dict[str, LayerRecord] = {}
+        self.draw = 0
+        self._handles: list = []
+        self._ref = {}
+        for name, module in self.layers:
+            mu, var = reference[name]
+            std = (var + module.eps).sqrt()
+            self._ref[name] = (mu, std, float(module.eps))
+
+    def reset(self, draws: int, device: torch.device) -> None:
+        """Prepare buffers for ``draws`` draws (channel counts are known from the modules)."""
+        self.records = {}
+        for name, _module in self.layers:
+            channels = self._ref[name][0].numel()
+            self.records[name] = LayerRecord(draws, channels, self.fractions, device)
+        self.draw = 0
+
+    def _hook(self, name: str, last: bool):
+        mu, std, eps = self._ref[name]
+
+        def fn(_m: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach()
+            rec = self.records[name]
+            rec.spatial = spatial_size(x)
+            for f in self.fractions:
+                mean, var = _batch_stats(x, f, self.generator)
+                rec.v[f][self.draw] = (mu - mean.double()).div(std).to(rec.v[f].dtype)
+                rec.u[f][self.draw] = std.div((var.double() + eps).sqrt()).to(rec.u[f].dtype)
+            if last:
+                raise _StopForward
+
+        return fn
+
+    def __enter__(self) -> Recorder:
+        last = self.layers[-1][0]
+        for name, module in self.layers:
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, name == last)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with hooks_removed(self._handles):
+            pass
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> None:
+        """One forward pass (stopped after the last recorded layer), recording draw ``draw``."""
+        with contextlib.suppress(_StopForward):
+            model(x)
+        self.draw += 1

@@ -1,0 +1,250 @@
+"""Weight normalization (Salimans & Kingma 2016) as plain modules.
+
+``y = conv(x, w / ||w||) * s + b`` with the norm taken per output channel. The modules hold
+ordinary parameters (no parametrizations or hooks), so they deepcopy, pickle, round-trip
+through ``state_dict`` and work under DDP like any ``nn.Module``.
+
+Scale-invariance protocol: every module whose raw weight can be rescaled per output unit
+without changing its output exposes ``scale_invariant_weights() -> list[Parameter]``;
+:func:`bnprobe.norms.projection.scale_invariant_weights` collects them.
+
+Noise hook: an optional ``noise`` submodule (see :mod:`bnprobe.norms.noise`) is applied to the
+normalized output ``x_hat`` BEFORE the affine ``* s + b``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .moments import conv_moments
+
+__all__ = ["WNConv2d", "WNLinear", "affine_moments", "channel_affine", "normalize_rows"]
+
+_IntPair = Union[int, tuple[int, int]]
+
+# Norms are clamped at this value; above it the normalization is exactly scale invariant.
+NORM_FLOOR = 1e-12
+
+
+def normalize_rows(weight: Tensor) -> Tensor:
+    """Divide each output unit's weights (a slice along dim 0) by its L2 norm.
+
+    Args:
+        weight: Weight of shape ``(C_out, ...)``.
+
+    Returns:
+        The differentiable normalized weight, same shape (norms floored at ``1e-12``).
+    """
+    norms = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight / norms.clamp_min(NORM_FLOOR).reshape(shape)
+
+
+def _pair(value: _IntPair) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def channel_affine(
+    x_hat: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], noise: Optional[nn.Module]
+) -> Tensor:
+    """Apply the optional noise module, then ``* scale + bias`` per channel (dim 1).
+
+    Args:
+        x_hat: Normalized activations ``(N, C, ...)``.
+        scale: Per-channel scale ``(C,)`` or None.
+        bias: Per-channel bias ``(C,)`` or None.
+        noise: Module applied to ``x_hat`` first, or None.
+
+    Returns:
+        The transformed activations.
+    """
+    if noise is not None:
+        x_hat = noise(x_hat)
+    shape = (1, -1) + (1,) * (x_hat.dim() - 2)
+    if scale is not None:
+        x_hat = x_hat * scale.reshape(shape)
+    if bias is not None:
+        x_hat = x_hat + bias.reshape(shape)
+    return x_hat
+
+
+def affine_moments(
+    m: Tensor,
+    v: Tensor,
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    noise: Optional[nn.Module],
+) -> tuple[Tensor, Tensor]:
+    """Moments through :func:`channel_affine` (the noise module's eval-mode map, then affine).
+
+    Args:
+        m: Channel means of ``x_hat``.
+        v: Channel variances of ``x_hat``.
+        scale: Per-channel scale or None.
+        bias: Per-channel bias or None.
+        noise: A module with ``propagate(m, v)`` or None.
+
+    Returns:
+        ``(mean, var)`` of the output.
+
+    Raises:
+        TypeError: If ``noise`` has no ``propagate`` method.
+    """
+    if noise is not None:
+        if not callable(getattr(noise, "propagate", None)):
+            raise TypeError(f"noise module {type(noise).__name__} has no propagate(m, v) method")
+        m, v = noise.propagate(m, v)
+    if scale is not None:
+        m, v = m * scale, v * scale * scale
+    if bias is not None:
+        m = m + bias
+    return m, v
+
+
+class _WNBase(nn.Module):
+    """Shared parameters of WN modules: raw ``weight``, ``scale`` s, ``bias`` b, ``noise``."""
+
+    def _init_params(
+        self, weight_shape: tuple[int, ...], bias: bool, scale: bool, noise: Optional[nn.Module]
+    ) -> None:
+        out = weight_shape[0]
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.scale = nn.Parameter(torch.ones(out)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(out)) if bias else None
+        self.register_module("noise", noise)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize ``weight`` like ``nn.Conv2d``/``nn.Linear``, ``scale`` = 1, ``bias`` = 0."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def normalized_weight(self) -> Tensor:
+        """Return ``weight / ||weight||`` with the norm per output unit (differentiable)."""
+        return normalize_rows(self.weight)
+
+    def scale_invariant_weights(self) -> list[nn.Parameter]:
+        """Return the weights whose per-unit scale does not affect the output: ``[weight]``."""
+        return [self.weight]
+
+    def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Channel moments of the output given independent inputs with moments ``(m, v)``.
+
+        Args:
+            m: Input channel means ``(C_in,)``.
+            v: Input channel variances ``(C_in,)``.
+
+        Returns:
+            ``(mean, var)`` per output channel (noise at its eval-mode map; border effects of
+            zero padding ignored).
+        """
+        mu, var = conv_moments(m, v, self.normalized_weight())
+        return affine_moments(mu, var, self.scale, self.bias, self.noise)
+
+
+class WNConv2d(_WNBase):
+    """Weight-normalized 2-D convolution: ``conv2d(x, w / ||w||) [-> noise] * s + b``.
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        kernel_size: Kernel size (int or pair).
+        stride: Stride.
+        padding: Zero padding.
+        dilation: Dilation.
+        bias: Whether to learn the output bias ``b`` (init 0).
+        scale: Whether to learn the output scale ``s`` (init 1); without it the output is the
+            normalized ``x_hat`` (e.g. when a ``LearnedNoise`` provides its own affine).
+        noise: Optional module applied to ``x_hat`` before the affine.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        dilation: _IntPair = 1,
+        bias: bool = True,
+        scale: bool = True,
+        noise: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self._init_params((out_channels, in_channels) + self.kernel_size, bias, scale, noise)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the normalized convolution, noise and affine to ``x`` ``(N, C_in, H, W)``."""
+        w = self.normalized_weight()
+        x_hat = F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+        return channel_affine(x_hat, self.scale, self.bias, self.noise)
+
+    def extra_repr(self) -> str:
+        """Return the constructor arguments shown by ``repr``."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, scale={self.scale is not None}"
+        )
+
+
+class WNLinear(_WNBase):
+    """Weight-normalized linear layer: ``x @ (w / ||w||).T [-> noise] * s + b``.
+
+    Args:
+        in_features: Input features.
+        out_features: Output features.
+        bias: Whether to learn the output bias ``b`` (init 0).
+        scale: Whether to learn the output scale ``s`` (init 1).
+        noise: Optional module applied to the normalized output before the affine.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        scale: bool = True,
+        noise: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_params((out_features, in_features), bias, scale, noise)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the normalized linear map, noise and affine to ``x`` ``(..., in_features)``.
+
+        Raises:
+            ValueError: With a noise module and an input that is not 2-D (noise modules take
+                channels in dim 1).
+        """
+        x_hat = F.linear(x, self.normalized_weight())
+        if x_hat.dim() == 2:
+            return channel_affine(x_hat, self.scale, self.bias, self.noise)
+        if self.noise is not None:
+            raise ValueError(f"WNLinear with noise needs (N, features) input, got {x.dim()}-D")
+        if self.scale is not None:
+            x_hat = x_hat * self.scale
+        return x_hat + self.bias if self.bias is not None else x_hat
+
+    def extra_repr(self) -> str:
+        """Return the constructor arguments shown by ``repr``."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scale={self.scale is not None}"
+        )
