@@ -91,7 +91,7 @@ def read_checkpoint(path: str | Path, unsafe_load: bool = False, map_location: A
                 "rerun with --unsafe-load only if you trust its source"
             ) from exc
         raise BnprobeError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for files that are not checkpoints
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({first})") from exc
 

@@ -91,6 +91,12 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        if debug():
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except Exception as exc:  # a bug: say so in one line unless debugging

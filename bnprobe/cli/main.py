@@ -27,10 +27,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)["debug"] = debug
 
 
-def _register() -> None:
-    from . import quickstart, train
+# One module per command, each exposing ``command``; they import the library lazily.
+_COMMANDS = ["quickstart", "train", "retrain", "measure", "fit", "plot", "evaluate", "report"]
 
-    for module in (train, quickstart):
+
+def _register() -> None:
+    import importlib
+
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue  # command not part of this build yet
         cli.add_command(module.command)
 
 

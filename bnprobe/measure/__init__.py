@@ -1,7 +1,9 @@
-"""Measuring BN stochasticity: hooks on BN inputs, reference statistics, tidy samples."""
+"""Measuring BN stochasticity: hooks on BN inputs, reference statistics, fitted noise."""
 
 from ._layers import find_bn_layers, preserved_state
 from .core import measure
+from .fit import fit_noise
 from .measurements import Measurements
+from .noise_spec import NoiseSpec
 
-__all__ = ["Measurements", "find_bn_layers", "measure", "preserved_state"]
+__all__ = ["Measurements", "NoiseSpec", "find_bn_layers", "fit_noise", "measure", "preserved_state"]

@@ -1,0 +1,101 @@
+"""Checkpoint in, measurement folder out: what ``bnprobe measure`` and the quickstart run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+
+from ..checkpoint import open_checkpoint
+from ..data import DataSpec, load_dataset, make_splits
+from ..errors import BnprobeError
+from ..io import atomic_write
+from ..options import resolve_device
+from .core import _check_sizes, measure
+from .fit import fit_noise
+from .measurements import Measurements
+
+SUMMARY_CSV = "summary.csv"
+FITTED_JSON = "fitted.json"
+
+
+def default_export_batch_size(batch_sizes: Sequence[int]) -> int:
+    """32 when measured, else the middle measured batch size."""
+    sizes = sorted(batch_sizes)
+    return 32 if 32 in sizes else sizes[len(sizes) // 2]
+
+
+def measure_checkpoint(
+    checkpoint: str | Path,
+    batch_sizes: Sequence[int],
+    out: str | Path = "measurements",
+    samples: int = 200,
+    mode: str = "joint",
+    reference: str = "population",
+    spatial_fractions: Sequence[float] | None = None,
+    layers: str | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    unsafe_load: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Measurements, pd.DataFrame]:
+    """Measure a checkpoint on its training data and write the measurement folder.
+
+    Writes samples.parquet, layers.csv, reference.parquet, meta.json, summary.csv and
+    fitted.json (at batch size 32 when measured, else the middle batch size) into ``out``.
+
+    Returns:
+        The measurements and their summary table.
+    """
+    log = log or (lambda _m: None)
+    out = Path(out)
+    if (out / "meta.json").exists() and not force:
+        raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
+                           device=dev)
+    spec = ckpt.data
+    name = dataset or (spec.name if spec else None)
+    if name is None:
+        raise BnprobeError("this checkpoint records no dataset: pass --dataset (and --data-root)")
+    root = data_root or (spec.root if spec and name == spec.name else None)
+    data = load_dataset(name, root)
+    if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
+        spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
+    if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
+        raise BnprobeError(f"the model expects inputs {spec.input_shape}, the data has {list(data.input_shape)}")
+    splits = make_splits(data, spec, dev)
+    _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
+    gen = torch.Generator().manual_seed(seed)
+    log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
+        f"batch sizes {list(batch_sizes)}, {samples} draws each")
+    source: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
+        "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
+        "dataset_fingerprint": data.fingerprint, "seed": seed,
+    }
+    m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
+                spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
+                progress=progress, source=source)
+    summary = m.summary(seed=seed)
+    m.save(out)
+    atomic_write(out / SUMMARY_CSV, lambda p: summary.to_csv(p, index=False))
+    spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
+    spec_out.save(out / FITTED_JSON)
+    return m, summary
+
+
+def layer_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """A compact per-layer, per-batch-size table for printing."""
+    full = summary[summary["fraction"] == 1.0]
+    cols = ["layer_index", "layer", "batch_size", "n", "n_eff", "sigma_v", "sigma_u", "ks_p",
+            "slope_v", "slope_u"]
+    return full[cols].sort_values(["layer_index", "batch_size"]).reset_index(drop=True)
