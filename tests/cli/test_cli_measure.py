@@ -27,7 +27,8 @@ def test_measure_and_fit(checkpoint, tmp_path):
     code, text = _run("measure", checkpoint, "--batch-sizes", "4,16", "--samples", "10",
                       "--spatial-fractions", "0.5", "--out", out, "--quiet")
     assert code == 0, text
-    for name in ("samples.parquet", "layers.csv", "reference.parquet", "summary.csv", "fitted.json", "meta.json"):
+    for name in ("samples.parquet", "layers.csv", "reference.parquet", "summary.csv", "fitted.json",
+                 "meta.json"):
         assert (out / name).is_file()
     summary = pd.read_csv(out / "summary.csv")
     for col in ("var_v", "var_u", "n", "n_eff", "ks_stat", "ks_p", "slope_v", "slope_u"):

@@ -80,8 +80,9 @@ def test_recorder_matches_float64_reference_loop(mode):
                     mean, s2 = _loop_stats(inputs[name])
                     v_ref = (mu - mean) / np.sqrt(var + module.eps)
                     u_ref = np.sqrt(var + module.eps) / np.sqrt(s2 + module.eps)
-                    got = result.samples.query("layer == @name and batch_size == @k and draw == @d "
-                                               "and fraction == 1.0").sort_values("channel")
+                    s = result.samples
+                    got = s[(s["layer"] == name) & (s["batch_size"] == k) & (s["draw"] == d)
+                            & (s["fraction"] == 1.0)].sort_values("channel")
                     assert got["layer_index"].iloc[0] == li
                     np.testing.assert_allclose(got["v"], v_ref, rtol=1e-3, atol=2e-5)
                     np.testing.assert_allclose(got["u"], u_ref, rtol=1e-3, atol=2e-5)
