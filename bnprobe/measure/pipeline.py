@@ -71,7 +71,9 @@ def measure_checkpoint(
     if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
         spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
     if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
-        raise BnprobeError(f"the model expects inputs {spec.input_shape}, the data has {list(data.input_shape)}")
+        raise BnprobeError(
+            f"the model expects inputs {spec.input_shape}, the data has {list(data.input_shape)}"
+        )
     splits = make_splits(data, spec, dev)
     _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
     gen = torch.Generator().manual_seed(seed)

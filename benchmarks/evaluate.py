@@ -1,0 +1,64 @@
+"""MC-30 evaluation time against 30 plain forward passes over the same set (target <= 1.1).
+
+The model is a BN All-CNN, so MC prediction is MCBN: each sample first runs one training
+batch to collect statistics. The floor is 30 evaluation-mode passes over the evaluation set
+with nothing else.
+
+Usage: python benchmarks/evaluate.py [--width 0.25] [--n 2000] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import interleaved_times
+
+from bnprobe.data import DeviceImages, Normalization
+from bnprobe.evaluation.run import _predict, evaluate_model
+from bnprobe.models import build_model
+from bnprobe.options import resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], 2, True)
+
+    def images(n):
+        return DeviceImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                            torch.randint(0, 10, (n,), generator=g), norm, device)
+
+    test, train = images(args.n), images(1000)
+    model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def floor():
+        for _ in range(args.samples):
+            _predict(model, test, 500)
+        sync()
+
+    def mc():
+        # evaluate_model also runs the single pass and the metrics; subtract nothing: honest total
+        evaluate_model(model, test, train, mc=[args.samples], generator=torch.Generator().manual_seed(1))
+        sync()
+
+    t = interleaved_times({"floor": floor, "mc": mc}, repeats=args.repeats)
+    print(f"device {device}, All-CNN width {args.width}, {args.n} images, MC-{args.samples} (MCBN)")
+    print(f"  {args.samples} plain passes {t['floor']:.3f} s")
+    print(f"  evaluate MC-{args.samples}    {t['mc']:.3f} s (includes the single pass and all metrics)")
+    print(f"ratio evaluate/plain = {t['mc'] / t['floor']:.3f}  (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
