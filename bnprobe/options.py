@@ -54,6 +54,21 @@ class Norm(Choice):
     AN = "an"
 
 
+class NoiseGranularity(Choice):
+    """Fixed noise levels: one per layer or one per channel (from fitted.json)."""
+
+    LAYER = "layer"
+    CHANNEL = "channel"
+
+
+class LearnNoise(Choice):
+    """Learned noise (variational Bayes): off, one sigma_S per layer or per channel."""
+
+    OFF = "off"
+    LAYER = "layer"
+    CHANNEL = "channel"
+
+
 class DatasetName(Choice):
     """Datasets bnprobe reads."""
 

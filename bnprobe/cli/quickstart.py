@@ -19,9 +19,7 @@ def command(out: str, seed: int, device: str, quiet: bool) -> None:
     result = run_quickstart(out, device=device, seed=seed, progress=not quiet,
                             log=None if quiet else echo)
     echo("")
-    for name, value in result.metrics.items():
-        echo(f"{name:24s} {value:.4f}")
-    echo("")
+    echo(result.report)
     echo("Results:")
     for name, path in result.files.items():
         echo(f"  {name}: {path}")

@@ -2,37 +2,106 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import click
 
 from ._common import device_option, echo, out_option, quiet_option, seed_option
 
 
-def data_options(f):
+def data_options(f: Callable) -> Callable:
     """``--dataset``, ``--data-root``, ``--image-size``."""
-    f = click.option("--image-size", type=int, default=None,
-                     help="Resize image-folder images to this size.")(f)
-    f = click.option("--data-root", default=None,
-                     help="Dataset folder (default data/<dataset> or $BNPROBE_DATA/<dataset>).")(f)
-    return click.option("--dataset", default="digits", show_default=True,
-                        help="digits, cifar10, imagefolder or synthetic.")(f)
+    return _data_options("digits")(f)
+
+
+def _data_options(dataset_default: str | None) -> Callable:
+    def apply(f: Callable) -> Callable:
+        f = click.option("--image-size", type=int, default=None,
+                         help="Resize image-folder images to this size.")(f)
+        f = click.option("--data-root", default=None,
+                         help="Dataset folder (default data/<dataset> or $BNPROBE_DATA/<dataset>).")(f)
+        return click.option("--dataset", default=dataset_default, show_default=True,
+                            help="digits, cifar10, imagefolder or synthetic.")(f)
+    return apply
+
+
+def _noise_options(f: Callable) -> Callable:
+    options = [
+        click.option("--noise", "noise", default=None, metavar="FITTED_JSON",
+                     help="Inject the noise of a fitted.json (bnprobe measure) after every "
+                          "normalization; with --learn-noise it initializes sigma_S."),
+        click.option("--noise-granularity", default="layer", show_default=True,
+                     help="layer or channel: sigmas of the noise file to use."),
+        click.option("--noise-scale", type=float, default=1.0, show_default=True,
+                     help="Factor on the fixed noise sigmas."),
+        click.option("--learn-noise", default="off", show_default=True,
+                     help="off, layer or channel: learn multiplicative noise S ~ N(s, sigma_S^2)."),
+        click.option("--prior-std", type=float, default=10.0, show_default=True,
+                     help="Std of the N(1, std^2) prior of learned noise."),
+        click.option("--kl-weight", type=float, default=1.0, show_default=True,
+                     help="Weight of KL / train size in the loss of learned noise."),
+        click.option("--mc-every", type=int, default=5, show_default=True,
+                     help="Monte-Carlo validation loss every N epochs and after the last (0: never)."),
+        click.option("--mc-samples", type=int, default=10, show_default=True,
+                     help="Forward passes of the Monte-Carlo validation loss."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
+                  width: float | None = 1.0, norm: str = "bn") -> Callable:
+    """Every training option, with the defaults of a command (None: decided later)."""
+    def apply(f: Callable) -> Callable:
+        options = [
+            _data_options(dataset),
+            click.option("--arch", default=arch, show_default=True, help="allcnn or torchvision:<name>."),
+            click.option("--width", type=float, default=width, show_default=True,
+                         help="All-CNN width multiplier."),
+            click.option("--norm", default=norm, show_default=True,
+                         help="Normalization: none, bn, wn or an."),
+            click.option("--norm-batch", type=int, default=None,
+                         help="bn: statistics over the batch plus K - batch-size other random samples."),
+            click.option("--project/--no-project", default=None,
+                         help="Keep scale-invariant weights at unit norm (no weight decay on them); "
+                              "default: on for normalized nets."),
+            click.option("--data-init/--no-data-init", default=True, show_default=True,
+                         help="Data-dependent init of none and wn nets (one BN pass)."),
+            _noise_options,
+            click.option("--epochs", type=int, default=10, show_default=True),
+            click.option("--lr", default="0.05", show_default=True,
+                         help="Initial learning rate, or 'auto' to search it."),
+            click.option("--lr-search-epochs", type=float, default=5.0, show_default=True,
+                         help="Epochs of each --lr auto trial run (fractions allowed)."),
+            click.option("--lr-search-trials", type=int, default=8, show_default=True,
+                         help="Trial runs of --lr auto."),
+            click.option("--lr-decay-epochs", type=float, default=600.0, show_default=True,
+                         help="Epochs over which the learning rate falls tenfold."),
+            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov) or adam."),
+            click.option("--weight-decay", type=float, default=0.0, show_default=True),
+            click.option("--limit-train", type=int, default=None,
+                         help="Train on a random subset of N images."),
+            click.option("--no-augment", is_flag=True, help="No random translation or flips."),
+            seed_option,
+            device_option,
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+def report(result: Any) -> None:
+    """Print where the run went and its last validation accuracy."""
+    last = result.history[-1] if result.history else {}
+    extra = f", lr {result.config.lr:.4g} (searched)" if result.config and result.config.lr_auto else ""
+    echo(f"wrote {result.run_dir}/checkpoint.pt  (val acc {last.get('val_acc', float('nan')):.4f}{extra})")
 
 
 @click.command("train")
-@data_options
-@click.option("--arch", default="allcnn", show_default=True, help="allcnn or torchvision:<name>.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="All-CNN width multiplier.")
-@click.option("--norm", default="bn", show_default=True, help="Normalization: none or bn.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Initial learning rate.")
-@click.option("--lr-decay-epochs", type=float, default=600.0, show_default=True,
-              help="Epochs over which the learning rate falls tenfold.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov) or adam.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--limit-train", type=int, default=None, help="Train on a random subset of N images.")
-@click.option("--no-augment", is_flag=True, help="No random translation or flips.")
-@seed_option
-@device_option
+@train_options()
 @out_option("runs/train", "Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @quiet_option
@@ -42,5 +111,4 @@ def command(out: str, resume: bool, quiet: bool, no_augment: bool, **options) ->
 
     config = TrainConfig(augment=not no_augment, **options)
     result = train(config, out, resume=resume, progress=not quiet, log=None if quiet else echo)
-    last = result.history[-1] if result.history else {}
-    echo(f"wrote {result.run_dir}/checkpoint.pt  (val acc {last.get('val_acc', float('nan')):.4f})")
+    report(result)

@@ -41,7 +41,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path, force: bool = Fals
     if not force:
         refuse_overwrite(out, "pass --force to overwrite")
     docs = [load_evaluation(r) for r in runs]
-    table = metrics_table(docs)
+    table = metrics_table(docs).dropna(axis=1, how="all")  # e.g. MC-30 when not evaluated
     table.insert(1, "run", [str(r) for r in runs])
     md = markdown_table(table)
     atomic_write_text(out, "# bnprobe report\n\n" + md)

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from ..errors import BnprobeError
 from ..options import Norm
+from .an import ANConv2d, InputMoments
 from .block import ConvNorm
+from .bn import NoisyBatchNorm2d
+from .inject import mc_mode
+from .noise import FixedNoise, LearnedNoise
+from .wn import WNConv2d
 
-__all__ = ["ConvNorm", "make_conv_norm"]
+__all__ = [
+    "ANConv2d",
+    "ConvNorm",
+    "FixedNoise",
+    "InputMoments",
+    "LearnedNoise",
+    "NoisyBatchNorm2d",
+    "WNConv2d",
+    "make_conv_norm",
+    "mc_mode",
+]
 
 
 def make_conv_norm(
@@ -18,25 +35,50 @@ def make_conv_norm(
     kernel_size: int,
     stride: int = 1,
     padding: int = 0,
+    noise: Optional[nn.Module] = None,
 ) -> ConvNorm:
     """Build a convolution followed by the chosen normalization.
 
+    Every normalized block writes its output as ``(w.x - mu(w)) / sigma(w) [-> noise] * s + b``,
+    scale invariant in ``w``:
+
+    * ``none``: a conv with bias (no normalization; noise is not allowed);
+    * ``bn``: conv without bias, then BatchNorm2d (``NoisyBatchNorm2d`` with noise);
+    * ``wn``: :class:`~bnprobe.norms.wn.WNConv2d` (``mu = 0``, ``sigma = ||w||``);
+    * ``an``: :class:`~bnprobe.norms.an.ANConv2d` (analytic moments; the model must
+      propagate input moments before each forward, see :mod:`bnprobe.norms.an`).
+
+    For wn and an the conv module does everything and ``norm`` is ``nn.Identity``.
+
     Args:
-        norm: ``none`` (a conv with bias), ``bn`` (conv without bias, then BatchNorm2d).
+        norm: ``none``, ``bn``, ``wn`` or ``an``.
         in_channels: Input channels.
         out_channels: Output channels.
         kernel_size: Square kernel size.
         stride: Convolution stride.
         padding: Zero padding.
+        noise: Optional noise module (``FixedNoise``, ``LearnedNoise``) applied to the
+            normalized output before the affine; one that ``provides_affine`` replaces it.
 
     Returns:
         A ``ConvNorm`` block.
+
+    Raises:
+        BnprobeError: For noise with ``none``.
     """
     kind = Norm.parse(norm, "norm")
     if kind is Norm.NONE:
+        if noise is not None:
+            raise BnprobeError("noise is injected after a normalization: use --norm bn, wn or an, not none")
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True)
         return ConvNorm(conv, nn.Identity())
     if kind is Norm.BN:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        return ConvNorm(conv, nn.BatchNorm2d(out_channels))
-    raise BnprobeError(f"norm {kind.value!r} is not available yet in this version of bnprobe")
+        bn = nn.BatchNorm2d(out_channels) if noise is None else NoisyBatchNorm2d(out_channels, noise)
+        return ConvNorm(conv, bn)
+    affine = noise is None or not getattr(noise, "provides_affine", False)
+    layer = WNConv2d if kind is Norm.WN else ANConv2d
+    conv = layer(in_channels, out_channels, kernel_size, stride, padding,
+                 bias=affine, scale=affine, noise=noise)
+    return ConvNorm(conv, nn.Identity())
+

@@ -25,11 +25,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
-from .wn import _pair, _WNBase, affine_moments, channel_affine
+from .wn import _pair, _WNBase, affine_moments, normalized_conv2d
 
 __all__ = ["ANConv2d", "InputMoments", "dataset_channel_moments", "propagate_sequence"]
 
@@ -136,16 +135,19 @@ class ANConv2d(_WNBase):
             ``(mean, var)`` of shape ``(out_channels,)``, differentiable in ``s`` and ``b``.
         """
         self.set_input_moments(m, v)
-        self.normalizer_moments()
+        if self.noise is None and self.scale is not None and self.bias is not None:
+            return self.bias, self.scale * self.scale  # the common case, in one op
         zeros = self.weight.new_zeros(self.out_channels)
         return affine_moments(zeros, zeros + 1.0, self.scale, self.bias, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``conv(x, w)`` with the analytic moments, then noise and affine."""
         mu, sigma = self.normalizer_moments()
-        y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation)
-        x_hat = (y - mu.reshape(1, -1, 1, 1)) / sigma.reshape(1, -1, 1, 1)
-        return channel_affine(x_hat, self.scale, self.bias, self.noise)
+        inv = 1.0 / sigma
+        return normalized_conv2d(
+            x, self.weight, inv, -mu * inv, self.scale, self.bias, self.noise,
+            self.stride, self.padding, self.dilation,
+        )  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         # Stored moments may be non-leaf tensors, which deepcopy/pickle refuse: detach them.

@@ -50,20 +50,48 @@ def leaky_relu_moments(m: Tensor, v: Tensor, slope: float = 0.01) -> tuple[Tenso
         ``(mean, var)`` of the output, broadcast shape of ``m`` and ``v``.
     """
     m, v = torch.broadcast_tensors(m, v)
-    a = float(slope)
-    v = v.clamp_min(_var_floor(v.dtype))
-    s = v.sqrt()
-    t = (m / s).clamp(-_T_MAX, _T_MAX)
-    cdf = torch.special.ndtr(t)
-    cdf_neg = torch.special.ndtr(-t)
-    pdf = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
-    relu_mean = m * cdf + s * pdf
-    mean = a * m + (1.0 - a) * relu_mean
-    h = t * t * cdf * cdf_neg + cdf + t * pdf * (cdf_neg - cdf) - pdf * pdf
-    h = h.clamp_min(0.0)
-    ratio = a * a + (1.0 - a) ** 2 * h + 2.0 * a * (1.0 - a) * cdf
-    var = (v * ratio).clamp_min(torch.finfo(v.dtype).tiny)
-    return mean, var
+    return _LeakyReluMoments.apply(m, v, float(slope))
+
+
+class _LeakyReluMoments(torch.autograd.Function):
+    """Leaky-ReLU moments with a closed-form backward (a few fused ops instead of ~60).
+
+    With ``r1 = t Phi(t) + phi(t)`` and ``ratio(t) = a^2 + (1 - a)^2 h(t) + 2 a (1 - a) Phi(t)``
+    (so ``var = v ratio(t)``): ``h'(t) = 2 r1 Phi(-t)``,
+    ``ratio'(t) = 2 (1 - a)^2 r1 Phi(-t) + 2 a (1 - a) phi(t)``,
+    ``d mean/dm = a + (1 - a) Phi``, ``d mean/dv = (1 - a) phi / (2 sqrt(v))``,
+    ``d var/dm = sqrt(v) ratio'``, ``d var/dv = ratio - t ratio' / 2``; all free of
+    cancellation, and exact in the clamped regions (where ``phi = Phi(-t) Phi(t) = 0``).
+    """
+
+    @staticmethod
+    def forward(ctx, m: Tensor, v: Tensor, a: float) -> tuple[Tensor, Tensor]:  # noqa: D102
+        floor = _var_floor(v.dtype)
+        inside = v >= floor
+        v = v.clamp_min(floor)
+        s = v.sqrt()
+        t = (m / s).clamp(-_T_MAX, _T_MAX)
+        cdf = torch.special.ndtr(t)
+        cdf_neg = torch.special.ndtr(-t)
+        pdf = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+        mean = a * m + (1.0 - a) * (m * cdf + s * pdf)
+        h = t * t * cdf * cdf_neg + cdf + t * pdf * (cdf_neg - cdf) - pdf * pdf
+        h = h.clamp_min(0.0)
+        ratio = a * a + (1.0 - a) ** 2 * h + 2.0 * a * (1.0 - a) * cdf
+        var = (v * ratio).clamp_min(torch.finfo(v.dtype).tiny)
+        ctx.a = a
+        ctx.save_for_backward(s, t, cdf, cdf_neg, pdf, ratio, inside)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: D102
+        s, t, cdf, cdf_neg, pdf, ratio, inside = ctx.saved_tensors
+        a = ctx.a
+        b = 1.0 - a
+        d_ratio = 2.0 * b * (b * (t * cdf + pdf) * cdf_neg + a * pdf)
+        g_m = g_mean * (a + b * cdf) + g_var * s * d_ratio
+        g_v = g_mean * (0.5 * b) * pdf / s + g_var * (ratio - 0.5 * t * d_ratio)
+        return g_m, g_v * inside, None
 
 
 def conv_moments(

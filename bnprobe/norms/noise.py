@@ -65,6 +65,15 @@ def channel_noise(x: Tensor, generator: Optional[torch.Generator] = None) -> Ten
     return z.to(x.device)
 
 
+def _draw(shape: tuple[int, ...], ref: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Standard normal draws of ``shape`` on ``ref``'s device and dtype (like channel_noise)."""
+    if generator is None or generator.device == ref.device:
+        return torch.randn(shape, generator=generator, device=ref.device, dtype=ref.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=ref.dtype).to(
+        ref.device
+    )
+
+
 def apply_fixed_noise(
     x_hat: Tensor,
     sigma_v: Union[float, Tensor],
@@ -96,13 +105,15 @@ def _per_channel(value: _Sigma, channels: int, name: str) -> Tensor:
         t = t.repeat(channels)
     if t.numel() != channels:
         raise ValueError(f"{name} must be a scalar or have {channels} values, got {t.numel()}")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be non-negative")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative")
     return t.clone()
 
 
 class FixedNoise(nn.Module):
     """Fixed-variance noise of eq. 7: ``y = (x_hat + V) * U`` (identity in eval mode).
+
+    ``provides_affine`` is False: the layer before it keeps its own ``* s + b``.
 
     Args:
         channels: Number of channels ``C``.
@@ -118,6 +129,8 @@ class FixedNoise(nn.Module):
         mc: Draw noise also in eval mode (Monte-Carlo prediction).
         generator: The generator or None.
     """
+
+    provides_affine = False
 
     def __init__(
         self,
@@ -147,6 +160,27 @@ class FixedNoise(nn.Module):
         sv = (self.sigma_v * self.noise_scale).to(x_hat.dtype)
         su = (self.sigma_u * self.noise_scale).to(x_hat.dtype)
         return apply_fixed_noise(x_hat, sv, su, self.generator)
+
+    def affine_coefficients(self, batch: int, ref: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """The noise as a per-sample, per-channel affine map ``x_hat * A + C``.
+
+        ``(x_hat + V) U = x_hat U + V U``; the draws are the same (V then U, one per sample
+        and channel) as :meth:`forward` makes for an input with ``batch`` samples.
+
+        Args:
+            batch: Number of samples ``N``.
+            ref: A tensor giving the device and dtype of the draws.
+
+        Returns:
+            ``(A, C)`` of shape ``(N, C)``, or None when inactive (the identity).
+        """
+        if not self.active:
+            return None
+        sv = (self.sigma_v * self.noise_scale).to(device=ref.device, dtype=ref.dtype)
+        su = (self.sigma_u * self.noise_scale).to(device=ref.device, dtype=ref.dtype)
+        v = _draw((batch, self.channels), ref, self.generator) * sv
+        u = 1.0 + _draw((batch, self.channels), ref, self.generator) * su
+        return u, v * u
 
     def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Moments through the eval-mode map (the identity)."""
@@ -198,6 +232,9 @@ def sigma_param_inverse(sigma: Union[float, Tensor]) -> Union[float, Tensor]:
 class LearnedNoise(nn.Module):
     """Learned multiplicative noise of eq. 21: ``y = (x_hat + b) * S``, ``S ~ N(s, sigma^2)``.
 
+    ``provides_affine`` is True: it replaces the layer's own affine (build the layer with
+    ``scale=False, bias=False``).
+
     ``S`` is drawn per sample and channel by reparametrization (``S = s + sigma * eps``), so
     ``s``, ``b`` and ``sigma`` all get gradients. In eval mode (``mc`` False) ``S = s``.
     ``sigma = sigma_param(u)`` with one ``u`` per channel or one for the layer. Add ``kl()``
@@ -205,7 +242,8 @@ class LearnedNoise(nn.Module):
 
     Args:
         channels: Number of channels ``C``.
-        init_sigma: Initial ``sigma``.
+        init_sigma: Initial ``sigma`` (positive): one value, or one per channel (with
+            ``per_channel=False`` their root mean square is used).
         per_channel: One ``sigma`` per channel (else one for the layer).
         prior_std: Std of the prior ``N(1, prior_std^2)`` on ``S``.
         generator: Optional ``torch.Generator`` for the draws.
@@ -218,10 +256,12 @@ class LearnedNoise(nn.Module):
         generator: The generator or None.
     """
 
+    provides_affine = True
+
     def __init__(
         self,
         channels: int,
-        init_sigma: float = 0.05,
+        init_sigma: _Sigma = 0.05,
         per_channel: bool = True,
         prior_std: float = 10.0,
         generator: Optional[torch.Generator] = None,
@@ -234,8 +274,12 @@ class LearnedNoise(nn.Module):
         self.prior_std = float(prior_std)
         self.scale = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
-        u0 = sigma_param_inverse(float(init_sigma))
-        self.u = nn.Parameter(torch.full((channels if per_channel else 1,), u0))
+        sigma0 = _per_channel(init_sigma, channels, "init_sigma")
+        if not per_channel:
+            sigma0 = sigma0.square().mean().sqrt().reshape(1)
+        if not bool(torch.isfinite(sigma0).all()) or bool((sigma0 <= 0).any()):
+            raise ValueError("init_sigma must be positive and finite")
+        self.u = nn.Parameter(sigma_param_inverse(sigma0))
         self.mc = False
         self.generator = generator
 
@@ -273,6 +317,23 @@ class LearnedNoise(nn.Module):
             return shifted * s
         noise = channel_noise(x_hat, self.generator) * _bcast(self.sigma(), x_hat)
         return shifted * (s + noise)
+
+    def affine_coefficients(self, batch: int, ref: Tensor) -> tuple[Tensor, Tensor]:
+        """The map ``(x_hat + b) S`` as ``x_hat * A + C`` with ``A = S``, ``C = b S``.
+
+        Args:
+            batch: Number of samples ``N``.
+            ref: A tensor giving the device and dtype of the draws.
+
+        Returns:
+            ``(A, C)`` of shape ``(C,)`` when inactive (``S = s``), else ``(N, C)`` with the
+            same draws as :meth:`forward` makes for ``batch`` samples.
+        """
+        if not self.active:
+            return self.scale, self.bias * self.scale
+        z = _draw((batch, self.channels), ref, self.generator)
+        s = self.scale + z * self.sigma()
+        return s, self.bias * s
 
     def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Moments through the eval-mode map: ``((m + b) s, v s^2)``."""

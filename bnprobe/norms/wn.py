@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from .moments import conv_moments
 
-__all__ = ["WNConv2d", "WNLinear", "affine_moments", "channel_affine", "normalize_rows"]
+__all__ = [
+    "WNConv2d",
+    "WNLinear",
+    "affine_moments",
+    "channel_affine",
+    "normalized_conv2d",
+    "normalize_rows",
+]
 
 _IntPair = Union[int, tuple[int, int]]
 
@@ -71,6 +78,94 @@ def channel_affine(
     if bias is not None:
         x_hat = x_hat + bias.reshape(shape)
     return x_hat
+
+
+def _mul(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    # product of factors where None stands for 1
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+def _shift_times(shift: Optional[Tensor], factor: Optional[Tensor]) -> Optional[Tensor]:
+    # shift * factor, where a missing shift is 0 and a missing factor is 1
+    if shift is None or factor is None:
+        return shift
+    return shift * factor
+
+
+def _affine_shift(
+    shift: Optional[Tensor], scale: Optional[Tensor], bias: Optional[Tensor]
+) -> Optional[Tensor]:
+    # shift * scale + bias, where a missing shift or bias is 0 and a missing scale is 1
+    if shift is None:
+        return bias
+    return _add(_mul(shift, scale), bias)
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    # sum of terms where None stands for 0
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def normalized_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    pre_scale: Optional[Tensor],
+    pre_shift: Optional[Tensor],
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    noise: Optional[nn.Module],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """``((conv(x, weight) * pre_scale + pre_shift) [-> noise]) * scale + bias`` in one pass.
+
+    Every per-channel factor is folded into the convolution's weight and bias, so a
+    deterministic layer costs one biased convolution. A noise module with
+    ``affine_coefficients(batch, ref)`` (per-sample ``x_hat * A + C``) adds one fused
+    multiply-add over the output; other noise modules are applied unfused.
+
+    Args:
+        x: Input ``(N, C_in, H, W)``.
+        weight: Raw convolution weight ``(C_out, C_in, kh, kw)``.
+        pre_scale: Per-channel factor giving ``x_hat`` (e.g. ``1 / sigma``), or None.
+        pre_shift: Per-channel shift giving ``x_hat`` (e.g. ``-mu / sigma``), or None.
+        scale: Affine scale ``s`` or None.
+        bias: Affine bias ``b`` or None.
+        noise: Noise module applied to ``x_hat``, or None.
+        stride: Convolution stride.
+        padding: Zero padding.
+        dilation: Dilation.
+
+    Returns:
+        The layer output ``(N, C_out, H', W')``.
+    """
+    coefficients = None
+    if noise is not None:
+        get = getattr(noise, "affine_coefficients", None)
+        if get is None:
+            w = weight if pre_scale is None else weight * pre_scale.reshape(-1, 1, 1, 1)
+            x_hat = F.conv2d(x, w, pre_shift, stride, padding, dilation)
+            return channel_affine(x_hat, scale, bias, noise)
+        coefficients = get(x.shape[0], weight)
+    if coefficients is None or coefficients[0].dim() == 1:
+        mul, add = (None, None) if coefficients is None else coefficients
+        total = _mul(_mul(pre_scale, mul), scale)
+        shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
+        w = weight if total is None else weight * total.reshape(-1, 1, 1, 1)
+        return F.conv2d(x, w, shift, stride, padding, dilation)
+    mul, add = coefficients  # (N, C): per-sample noise
+    channel = _mul(pre_scale, scale)
+    w = weight if channel is None else weight * channel.reshape(-1, 1, 1, 1)
+    y = F.conv2d(x, w, None, stride, padding, dilation)
+    shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
+    if shift is None:
+        return y * mul[:, :, None, None]
+    return torch.addcmul(shift[:, :, None, None], y, mul[:, :, None, None])
 
 
 def affine_moments(
@@ -189,9 +284,11 @@ class WNConv2d(_WNBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the normalized convolution, noise and affine to ``x`` ``(N, C_in, H, W)``."""
-        w = self.normalized_weight()
-        x_hat = F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
-        return channel_affine(x_hat, self.scale, self.bias, self.noise)
+        norms = torch.linalg.vector_norm(self.weight.reshape(self.out_channels, -1), dim=1)
+        return normalized_conv2d(
+            x, self.weight, 1.0 / norms.clamp_min(NORM_FLOOR), None, self.scale, self.bias,
+            self.noise, self.stride, self.padding, self.dilation,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         """Return the constructor arguments shown by ``repr``."""

@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import BnprobeError
-from ..options import DatasetName, Norm, Optimizer
+from ..options import DatasetName, LearnNoise, NoiseGranularity, Norm, Optimizer
 
 # Options that may differ when a run is resumed: they do not change the trajectory.
-RESUMABLE_CHANGES = {"epochs", "device", "quiet"}
+RESUMABLE_CHANGES = {"epochs", "device", "quiet", "mc_every", "mc_samples", "lr_search_epochs",
+                     "lr_search_trials", "lr_auto"}
+AUTO = "auto"
 
 
 @dataclass
@@ -23,9 +25,24 @@ class TrainConfig:
         image_size: Resize image-folder images to this size.
         arch: ``allcnn`` or ``torchvision:<name>``.
         width: All-CNN channel multiplier.
-        norm: Normalization after each convolution.
+        norm: Normalization after each convolution: none, bn, wn or an.
+        norm_batch: BN statistics over the training batch plus ``norm_batch - batch_size``
+            other random training samples (None: the batch alone); bn only.
+        project: Project scale-invariant weights to unit norm after every step (and exempt
+            them from weight decay); None: on for normalized nets (resolved by ``validate``).
+        data_init: Data-dependent init of the affine of none and wn nets (one BN pass).
+        noise: fitted.json whose noise is injected after every normalization (or whose
+            sigma_u initializes learned noise).
+        noise_granularity: ``layer`` or ``channel`` sigmas from the noise file.
+        noise_scale: Factor on the fixed noise sigmas.
+        learn_noise: ``off``, ``layer`` or ``channel``: learned multiplicative noise.
+        prior_std: Std of the N(1, prior_std^2) prior of learned noise.
+        kl_weight: Weight of KL / train size in the loss of learned noise.
         epochs: Number of epochs.
-        lr: Initial learning rate.
+        lr: Initial learning rate, or ``"auto"`` (replaced by the searched value).
+        lr_auto: Whether ``lr`` was found by the search (set by training).
+        lr_search_epochs: Epochs (may be fractional) of each trial run of ``--lr auto``.
+        lr_search_trials: Trial runs of ``--lr auto``.
         lr_decay_epochs: E such that the learning rate falls tenfold every E epochs
             (lr * gamma^epoch with gamma^E = 0.1).
         batch_size: Training batch size.
@@ -37,7 +54,10 @@ class TrainConfig:
         translate: Maximum translation in pixels.
         eval_train_size: Size of the fixed training subset on which the evaluation-mode
             training loss is logged.
-        seed: Seed of the run (initialization, data order, augmentation).
+        mc_every: Monte-Carlo validation loss every this many epochs (and after the last;
+            0: never); only for nets with noise.
+        mc_samples: Forward passes of the Monte-Carlo validation loss.
+        seed: Seed of the run (initialization, data order, augmentation, noise).
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
@@ -47,8 +67,20 @@ class TrainConfig:
     arch: str = "allcnn"
     width: float = 1.0
     norm: str = Norm.BN.value
+    norm_batch: int | None = None
+    project: bool | None = None
+    data_init: bool = True
+    noise: str | None = None
+    noise_granularity: str = NoiseGranularity.LAYER.value
+    noise_scale: float = 1.0
+    learn_noise: str = LearnNoise.OFF.value
+    prior_std: float = 10.0
+    kl_weight: float = 1.0
     epochs: int = 10
-    lr: float = 0.05
+    lr: float | str = 0.05
+    lr_auto: bool = False
+    lr_search_epochs: float = 5.0
+    lr_search_trials: int = 8
     lr_decay_epochs: float = 600.0
     batch_size: int = 32
     momentum: float = 0.9
@@ -58,28 +90,86 @@ class TrainConfig:
     augment: bool = True
     translate: int = 2
     eval_train_size: int = 2000
+    mc_every: int = 5
+    mc_samples: int = 10
     seed: int = 0
     device: str = "auto"
 
+    @property
+    def lr_is_auto(self) -> bool:
+        """Whether the learning rate is still to be searched."""
+        return isinstance(self.lr, str) and self.lr.strip().lower() == AUTO
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the net gets fixed or learned noise."""
+        return self.noise is not None or self.learn_noise != LearnNoise.OFF.value
+
     def validate(self) -> TrainConfig:
-        """Check every option, raising a BnprobeError that names the bad one."""
+        """Check every option (resolving defaults), raising a BnprobeError that names the bad one."""
         self.dataset = DatasetName.parse(self.dataset, "dataset").value
         self.norm = Norm.parse(self.norm, "norm").value
         self.optimizer = Optimizer.parse(self.optimizer, "optimizer").value
+        self.learn_noise = LearnNoise.parse(self.learn_noise, "learn-noise").value
+        self.noise_granularity = NoiseGranularity.parse(self.noise_granularity, "noise granularity").value
+        self._validate_lr()
+        if self.project is None:
+            self.project = self.norm != Norm.NONE.value
+        min_batch = 2 if self.norm == Norm.BN.value else 1
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"--batch-size must be at least 2 for BN, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.batch_size >= min_batch,
+             f"--batch-size must be at least {min_batch} for --norm {self.norm}, got {self.batch_size}"),
             (self.lr_decay_epochs > 0, f"--lr-decay-epochs must be positive, got {self.lr_decay_epochs}"),
             (self.width > 0, f"--width must be positive, got {self.width}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.translate >= 0, f"--translate must be >= 0, got {self.translate}"),
             (self.eval_train_size >= 1, f"--eval-train-size must be positive, got {self.eval_train_size}"),
+            (_finite(self.noise_scale) and self.noise_scale >= 0,
+             f"--noise-scale must be finite and >= 0, got {self.noise_scale}"),
+            (_finite(self.prior_std) and self.prior_std > 0,
+             f"--prior-std must be positive, got {self.prior_std}"),
+            (_finite(self.kl_weight) and self.kl_weight >= 0,
+             f"--kl-weight must be >= 0, got {self.kl_weight}"),
+            (self.mc_every >= 0, f"--mc-every must be >= 0, got {self.mc_every}"),
+            (self.mc_samples >= 1, f"--mc-samples must be at least 1, got {self.mc_samples}"),
+            (_finite(self.lr_search_epochs) and self.lr_search_epochs > 0,
+             f"--lr-search-epochs must be positive, got {self.lr_search_epochs}"),
+            (self.lr_search_trials >= 3,
+             f"--lr-search-trials must be at least 3, got {self.lr_search_trials}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise BnprobeError(message)
+        self._validate_combinations()
         return self
+
+    def _validate_lr(self) -> None:
+        if self.lr_is_auto:
+            self.lr = AUTO
+            return
+        try:
+            self.lr = float(self.lr)
+        except (TypeError, ValueError):
+            raise BnprobeError(f"--lr must be a positive number or 'auto', got {self.lr!r}") from None
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BnprobeError(f"--lr must be positive, got {self.lr}")
+
+    def _validate_combinations(self) -> None:
+        norm = Norm(self.norm)
+        if norm is Norm.NONE and self.learn_noise != LearnNoise.OFF.value:
+            raise BnprobeError("--learn-noise needs a normalization: use --norm wn, an or bn, not none")
+        if norm is Norm.NONE and self.noise is not None:
+            raise BnprobeError("--noise is injected after a normalization: use --norm wn, an or bn, not none")
+        if self.arch != "allcnn" and (norm in (Norm.WN, Norm.AN) or self.has_noise):
+            raise BnprobeError(f"--norm {self.norm} and noise are available for --arch allcnn only, "
+                               f"not {self.arch}")
+        if self.norm_batch is not None:
+            if norm is not Norm.BN:
+                raise BnprobeError(f"--norm-batch needs --norm bn, got --norm {self.norm}")
+            if self.norm_batch < self.batch_size:
+                raise BnprobeError(f"--norm-batch ({self.norm_batch}) must be at least --batch-size "
+                                   f"({self.batch_size})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dictionary of every option."""
@@ -97,6 +187,12 @@ class TrainConfig:
         return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k)]
 
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def lr_at(config: TrainConfig, epoch: float) -> float:
     """Learning rate of an epoch: lr * gamma^epoch with gamma^lr_decay_epochs = 0.1."""
-    return config.lr * 0.1 ** (epoch / config.lr_decay_epochs)
+    if config.lr_is_auto:
+        raise ValueError("the learning rate is 'auto': search it before training")
+    return float(config.lr) * 0.1 ** (epoch / config.lr_decay_epochs)

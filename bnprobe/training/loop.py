@@ -10,21 +10,26 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .._version import __version__
 from ..checkpoint import open_checkpoint, save_checkpoint
 from ..data import DataSpec, ImageData, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write_json
-from ..models import build_model, default_arch_kwargs
-from ..options import Optimizer, resolve_device
-from ..progress import progress_bar
+from ..models import build_model
+from ..norms.inject import kl_total, noise_modules, relative_sigmas, set_noise_generator
+from ..options import resolve_device
 from .config import TrainConfig, lr_at
-from .evaluate import loss_and_accuracy
+from .evaluate import loss_and_accuracy, mc_loss_and_accuracy
+from .lr_auto import search_learning_rate
 from .run_files import CHECKPOINT, CONFIG, METRICS, write_metrics_csv
+from .setup import initialize_model, make_optimizer, run_arch_kwargs, step_hooks
+from .steps import RunGenerators, train_epoch, training_batches
+
+__all__ = ["TrainResult", "train", "train_epoch"]
 
 EVAL_SUBSET_SEED = 0
+MC_SEED_OFFSET = 6
 
 
 @dataclass
@@ -44,51 +49,28 @@ class TrainResult:
     config: TrainConfig | None = None
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if Optimizer.parse(config.optimizer) is Optimizer.ADAM:
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
+    if previous.payload is None:
+        raise BnprobeError(f"{ckpt_path} is not a bnprobe training checkpoint")
+    old = TrainConfig.from_dict(previous.config)
+    if old.project is None:
+        old.project = old.norm != "none"
+    if config.lr_is_auto and old.lr_auto:
+        config.lr, config.lr_auto = old.lr, True
+    diff = old.differences(config)
+    if diff:
+        raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
 
 
-def _device_generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Any,
-    total: int | None = None,
-    progress: bool = False,
-    desc: str = "train",
-    after_step: list[Callable[[], None]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One pass of SGD over ``batches`` in training mode.
-
-    Returns:
-        Summed loss and correct count (as tensors, to avoid a device sync per step) and the
-        number of samples.
-    """
-    model.train()
-    loss_sum = correct = None
-    seen = 0
-    for x, y in progress_bar(batches, total=total, enabled=progress, desc=desc):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for hook in after_step or ():
-            hook()
-        with torch.no_grad():
-            batch_loss = loss.detach() * len(y)
-            batch_correct = (out.argmax(1) == y).sum()
-            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-            correct = batch_correct if correct is None else correct + batch_correct
-        seen += len(y)
-    return loss_sum, correct, seen
+def _epoch_noise_metrics(model: nn.Module, train_size: int, kl_weight: float) -> dict[str, float]:
+    ratios = relative_sigmas(model)
+    if not ratios:
+        return {}
+    with torch.no_grad():
+        kl = float(kl_total(model))
+    row = {"kl": kl * kl_weight / train_size, "sigma_rel_mean": sum(ratios) / len(ratios)}
+    row.update({f"sigma_rel_{i + 1}": r for i, r in enumerate(ratios)})
+    return row
 
 
 def train(
@@ -103,7 +85,9 @@ def train(
 
     The checkpoint and metrics are written atomically after every epoch. With ``resume``, an
     interrupted run continues from its last checkpoint and ends with the same weights as an
-    uninterrupted run.
+    uninterrupted run. A fresh run first initializes from the data (AN input moments,
+    projection, data-dependent init; see :func:`bnprobe.training.setup.initialize_model`) and,
+    with ``lr="auto"``, searches the learning rate from that initialization.
 
     Args:
         config: Training options.
@@ -124,12 +108,7 @@ def train(
     previous = None
     if resume:
         previous = open_checkpoint(ckpt_path, device=device)
-        if previous.payload is None:
-            raise BnprobeError(f"{ckpt_path} is not a bnprobe training checkpoint")
-        old = TrainConfig.from_dict(previous.config)
-        diff = old.differences(config)
-        if diff:
-            raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
+        _check_resume(config, previous, ckpt_path)
     elif ckpt_path.exists():
         raise BnprobeError(f"{run_dir} already holds a run; use --resume or another --out")
 
@@ -138,44 +117,58 @@ def train(
     spec = DataSpec.from_data(data, translate=config.translate if config.augment else 0)
     subset_gen = torch.Generator().manual_seed(config.seed + 2)
     splits = make_splits(data, spec, device, config.limit_train, subset_gen)
-    if len(splits.train) < config.batch_size:
+    n_train = len(splits.train)
+    if n_train < max(config.batch_size, config.norm_batch or 0):
         raise BnprobeError(
-            f"the training set has {len(splits.train)} images, fewer than --batch-size {config.batch_size}"
+            f"the training set has {n_train} images, fewer than --batch-size {config.batch_size}"
+            + (f" or --norm-batch {config.norm_batch}" if config.norm_batch else "")
         )
-    arch_kwargs = default_arch_kwargs(config.arch, spec.num_classes, spec.input_shape[0],
-                                      config.width, config.norm)
+    arch_kwargs = previous.arch_kwargs if previous is not None else run_arch_kwargs(config, spec)
     model = build_model(config.arch, arch_kwargs, seed=config.seed).to(device)
-    optimizer = _make_optimizer(model, config)
-    order_gen = torch.Generator().manual_seed(config.seed)
-    aug_gen = _device_generator(device, config.seed + 1)
+    gens = RunGenerators.from_seed(config.seed, device)
+    set_noise_generator(model, gens.noise)
+    eval_gen = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
+    eval_idx = torch.randperm(n_train, generator=eval_gen)[: config.eval_train_size]
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    search: dict[str, Any] | None = None
+    if previous is None:
+        initialize_model(model, config, splits)
+        if config.lr_is_auto:
+            lr, trials = search_learning_rate(model, config, splits, eval_idx, log)
+            config.lr, config.lr_auto = lr, True
+            search = {"chosen_lr": lr, "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
+            log(f"lr search chose lr {lr:.4g}")
+    optimizer = make_optimizer(model, config, float(config.lr))
     if previous is not None:
         payload = previous.payload
         model.load_state_dict(previous.model.state_dict())
         optimizer.load_state_dict(payload["optimizer"])
-        order_gen.set_state(payload["rng"]["order"])
-        aug_gen.set_state(payload["rng"]["augment"].to(aug_gen.get_state().device))
+        gens.load_state(payload["rng"])
         history = list(payload.get("history", []))
         start_epoch = int(payload["epoch"])
+        search = payload.get("lr_search")
         log(f"resuming {run_dir} after epoch {start_epoch}")
     config_record = {"format": "bnprobe.config", "version": 1, "bnprobe_version": __version__,
                      "config": config.to_dict(), "arch": {"name": config.arch, "kwargs": arch_kwargs},
                      "data": spec.to_dict()}
+    if search is not None:
+        config_record["lr_search"] = search
     atomic_write_json(run_dir / CONFIG, config_record)
 
-    eval_gen = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
-    eval_idx = torch.randperm(len(splits.train), generator=eval_gen)[: config.eval_train_size]
-    n_batches = len(splits.train) // config.batch_size
+    after_step, regularizer = step_hooks(model, config, n_train)
+    has_noise = bool(noise_modules(model))
+    n_batches = n_train // config.batch_size
     for epoch in range(start_epoch, config.epochs):
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        batches = splits.train.iterate(config.batch_size, shuffle=True, augmented=config.augment,
-                                       generator=order_gen, aug_generator=aug_gen, drop_last=True)
+        batches = training_batches(splits.train, config.batch_size, gens, config.augment,
+                                   config.norm_batch)
         loss_sum, correct, seen = train_epoch(model, optimizer, batches, n_batches, progress,
-                                              f"epoch {epoch + 1}/{config.epochs}")
+                                              f"epoch {epoch + 1}/{config.epochs}", after_step,
+                                              regularizer)
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             raise BnprobeError(
@@ -187,16 +180,26 @@ def train(
         val_loss, val_acc = loss_and_accuracy(model, splits.val)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / seen,
                "train_eval_loss": eval_loss, "train_eval_acc": eval_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": seconds}
+               "val_acc": val_acc, "val_loss_mean": val_loss, "seconds": seconds}
+        last = epoch + 1 == config.epochs
+        if has_noise and config.mc_every > 0 and ((epoch + 1) % config.mc_every == 0 or last):
+            mc_gen = torch.Generator(device=device).manual_seed(config.seed + MC_SEED_OFFSET)
+            row["val_loss_mc"], row["val_acc_mc"] = mc_loss_and_accuracy(
+                model, splits.val, config.mc_samples, mc_gen)
+        row.update(_epoch_noise_metrics(model, n_train, config.kl_weight))
         history.append(row)
-        save_checkpoint(ckpt_path, {
+        payload = {
             "arch": {"name": config.arch, "kwargs": arch_kwargs},
             "state_dict": model.state_dict(), "data": spec.to_dict(), "config": config.to_dict(),
-            "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-            "rng": {"order": order_gen.get_state(), "augment": aug_gen.get_state().cpu()},
+            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "rng": gens.state(),
             "history": history,
-        })
+        }
+        if search is not None:
+            payload["lr_search"] = search
+        save_checkpoint(ckpt_path, payload)
         write_metrics_csv(run_dir / METRICS, history)
+        mc = f"  mc {row['val_loss_mc']:.4f}" if "val_loss_mc" in row else ""
         log(f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
-            f"(eval mode {eval_loss:.4f})  val loss {val_loss:.4f} acc {val_acc:.4f}  {seconds:.1f}s")
+            f"(eval mode {eval_loss:.4f})  val loss {val_loss:.4f}{mc} acc {val_acc:.4f}  {seconds:.1f}s")
+    set_noise_generator(model, None)  # the run's generator stays with the run
     return TrainResult(run_dir, model.eval(), history, config)

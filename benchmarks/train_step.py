@@ -1,0 +1,103 @@
+"""Training-step time of each normalization/noise configuration as a ratio to BN.
+
+Same All-CNN (width 0.25 by default), batch size 32, 32x32 inputs, SGD with Nesterov
+momentum and bnprobe's real training step (``train_epoch`` with the projection after every
+step and, for learned noise, the KL term). Configurations: bn (the reference), wn,
+wn + fixed noise (per-channel sigmas), an, an + learned noise (per channel). Timings are
+interleaved so that all configurations share the machine's noise.
+
+Targets on CPU: wn <= 1.15, wn+fixed <= 1.2, an <= 1.3, an+learned <= 1.4.
+
+Usage: python benchmarks/train_step.py [--width 0.25] [--steps 10] [--repeats 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import interleaved_times
+
+from bnprobe.data import DeviceImages, Normalization
+from bnprobe.models import build_model
+from bnprobe.models.allcnn import layer_channels
+from bnprobe.norms.an import dataset_channel_moments
+from bnprobe.norms.inject import set_noise_generator
+from bnprobe.options import resolve_device
+from bnprobe.training import TrainConfig
+from bnprobe.training.setup import make_optimizer, step_hooks
+from bnprobe.training.steps import train_epoch
+
+TARGETS = {"wn": 1.15, "wn+fixed": 1.2, "an": 1.3, "an+learned": 1.4}
+
+
+def _noise(width: float) -> dict:
+    channels = layer_channels(10, width)
+    return {"sigma_v": [[0.1 + 0.001 * j for j in range(c)] for c in channels],
+            "sigma_u": [[0.05 + 0.001 * j for j in range(c)] for c in channels], "scale": 1.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bs, n = args.batch_size, args.batch_size * args.steps
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], translate=2, flip=True)
+    data = DeviceImages(images, labels, norm, device)
+    moments = dataset_channel_moments(images, norm.mean, norm.std)
+    configs = {
+        "bn": ("bn", {}),
+        "wn": ("wn", {}),
+        "wn+fixed": ("wn", {"noise": _noise(args.width)}),
+        "an": ("an", {}),
+        "an+learned": ("an", {"learn_noise": "channel"}),
+    }
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def make(norm_name: str, extra: dict):
+        kwargs = {"num_classes": 10, "width": args.width, "norm": norm_name, **extra}
+        model = build_model("allcnn", kwargs, seed=0).to(device)
+        if model.input_moments is not None:
+            model.input_moments.set_(*moments)
+        set_noise_generator(model, torch.Generator(device=device).manual_seed(1))
+        config = TrainConfig(norm=norm_name, lr=0.01, learn_noise=extra.get("learn_noise", "off")).validate()
+        optimizer = make_optimizer(model, config, 0.01)
+        after, regularizer = step_hooks(model, config, 45000)
+        order = torch.Generator().manual_seed(1)
+
+        def run() -> None:
+            batches = data.iterate(bs, shuffle=True, generator=order, drop_last=True)
+            train_epoch(model, optimizer, batches, after_step=after, regularizer=regularizer)
+            sync()
+        return run
+
+    times = interleaved_times({name: make(*spec) for name, spec in configs.items()}, repeats=args.repeats)
+    print(f"device {device}, threads {torch.get_num_threads()}, All-CNN width {args.width}, "
+          f"batch {bs}, {args.steps} steps x {args.repeats} repeats (median)")
+    base = times["bn"]
+    print(f"  {'bn':12s} {1000 * base / args.steps:8.1f} ms/step  ratio 1.000")
+    for name, t in times.items():
+        if name == "bn":
+            continue
+        ratio = t / base
+        verdict = "ok" if ratio <= TARGETS[name] else "MISSED"
+        print(f"  {name:12s} {1000 * t / args.steps:8.1f} ms/step  ratio {ratio:.3f}  "
+              f"(target <= {TARGETS[name]}: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Initialization from data: data-dependent affine init (none, wn) and AN input moments."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .an import ANConv2d, InputMoments, dataset_channel_moments
+from .block import ConvNorm
+from .noise import LearnedNoise, sigma_param_inverse
+from .wn import WNConv2d
+
+__all__ = ["DDI_BATCH", "data_dependent_init_", "init_input_moments_"]
+
+#: Batch size of the data-dependent initialization pass.
+DDI_BATCH = 128
+
+
+def _ddi_target(block: nn.Module) -> bool:
+    if not isinstance(block, ConvNorm):
+        return False
+    conv = block.conv
+    if isinstance(conv, WNConv2d) and not isinstance(conv, ANConv2d):
+        return True
+    return isinstance(conv, nn.Conv2d) and conv.bias is not None and isinstance(block.norm, nn.Identity)
+
+
+def _standardize_(block: ConvNorm, mean: Tensor, std: Tensor) -> None:
+    """Change the block's output ``y`` to ``(y - mean) / std`` by adjusting its parameters."""
+    conv = block.conv
+    if isinstance(conv, nn.Conv2d):  # none: y = w.x + c
+        conv.weight.div_(std.reshape(-1, 1, 1, 1))
+        conv.bias.sub_(mean).div_(std)
+        return
+    if conv.scale is not None:  # wn: y = x_hat * s + b (noise off)
+        conv.scale.div_(std)
+        if conv.bias is not None:
+            conv.bias.sub_(mean).div_(std)
+        else:
+            raise ValueError("data-dependent init needs a bias on every WN layer")
+        return
+    noise = conv.noise
+    if not isinstance(noise, LearnedNoise):
+        raise ValueError(f"cannot initialize a WN layer without affine and noise {type(noise).__name__}")
+    # y = (x_hat + b) * s: s -> s / std, b -> b - mean / s; sigma_S keeps its ratio to s
+    noise.bias.sub_(mean / noise.scale)
+    noise.scale.div_(std)
+    sigma = noise.sigma() / (std if noise.per_channel else std.mean().reshape(1))
+    noise.u.copy_(sigma_param_inverse(sigma.clamp_min(torch.finfo(sigma.dtype).tiny)))
+
+
+@torch.no_grad()
+def data_dependent_init_(model: nn.Module, x: Tensor, eps: float = 1e-5) -> int:
+    """Data-dependent init of the affine of ``none`` and ``wn`` layers (a BN pass at lr 0).
+
+    One forward pass over ``x`` (e.g. 128 training images) in evaluation mode (noise off).
+    Each conv block with a plain biased conv (``none``) or a ``WNConv2d`` (``wn``) gets the
+    scale and bias that BN would apply in that pass: its output ``y`` is replaced by
+    ``(y - mean) / sqrt(var + eps)`` with the batch statistics per channel, so later layers
+    see standardized inputs (Salimans & Kingma 2016). For ``none`` the conv weight and bias
+    are rescaled; for ``wn`` the scale ``s`` and bias ``b`` (or a ``LearnedNoise``'s ``s``,
+    ``b`` and ``sigma_S``, keeping ``sigma_S / s``). BN and AN layers are left alone. The
+    model's training flags are restored.
+
+    Args:
+        model: The model.
+        x: A batch of normalized training inputs on the model's device.
+        eps: Added to the variance, like BN.
+
+    Returns:
+        The number of initialized layers.
+    """
+    blocks = [m for m in model.modules() if _ddi_target(m)]
+    if not blocks:
+        return 0
+    flags = {m: m.training for m in model.modules()}
+
+    def hook(block: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
+        dims = (0,) + tuple(range(2, out.dim()))
+        mean = out.mean(dim=dims)
+        std = (out.var(dim=dims, unbiased=False) + eps).sqrt()
+        _standardize_(block, mean, std)
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return (out - mean.reshape(shape)) / std.reshape(shape)
+
+    handles = [b.register_forward_hook(hook) for b in blocks]
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return len(blocks)
+
+
+@torch.no_grad()
+def init_input_moments_(
+    model: nn.Module,
+    images: Tensor,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> int:
+    """Fill every :class:`InputMoments` of a model from the training images.
+
+    Args:
+        model: The model.
+        images: Training images ``(N, C, H, W)``, uint8 (scaled to [0, 1]) or float.
+        mean: Per-channel normalization mean of the model's inputs.
+        std: Per-channel normalization std.
+
+    Returns:
+        The number of filled ``InputMoments`` modules.
+    """
+    stores = [m for m in model.modules() if isinstance(m, InputMoments)]
+    if not stores:
+        return 0
+    m, v = dataset_channel_moments(images, mean, std)
+    for store in stores:
+        store.set_(m.to(store.mean), v.to(store.var))
+    return len(stores)

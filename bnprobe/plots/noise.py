@@ -1,0 +1,137 @@
+"""Fitted BN noise levels per layer with their per-channel spread."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from ..errors import BnprobeError
+from . import _style
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..measure.measurements import Measurements
+    from ..measure.noise_spec import NoiseSpec
+
+NoiseSource = Union["NoiseSpec", "Measurements", str, Path]
+FITTED_JSON = "fitted.json"
+
+
+def load_noise(source: NoiseSource, batch_size: int | None = None) -> NoiseSpec:
+    """A ``NoiseSpec`` from a spec, a fitted.json, a measurements folder or ``Measurements``.
+
+    A folder is read through its fitted.json when it has one (``batch_size`` must then be
+    None or match); otherwise the noise is fitted from its measurements.
+
+    Args:
+        source: A ``NoiseSpec``, ``Measurements``, noise file, or measurement folder.
+        batch_size: Batch size to fit measurements at (default 32 if measured, else the middle).
+
+    Returns:
+        The noise specification.
+
+    Raises:
+        BnprobeError: If the path does not exist or cannot be read, or the batch size is not
+            available.
+    """
+    from ..measure.measurements import Measurements
+    from ..measure.noise_spec import NoiseSpec
+
+    if isinstance(source, NoiseSpec):
+        spec = source
+    elif isinstance(source, Measurements):
+        return _fit(source, batch_size)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if not (path / FITTED_JSON).is_file():
+                return _fit(Measurements.load(path), batch_size)
+            path = path / FITTED_JSON
+        elif not path.exists():
+            raise BnprobeError(f"noise file or measurements folder not found: {path} "
+                               "(run bnprobe measure or bnprobe fit first)")
+        spec = NoiseSpec.load(path)
+    if batch_size is not None and int(batch_size) != spec.batch_size:
+        raise BnprobeError(f"the noise file is for batch size {spec.batch_size}, not {batch_size} "
+                           "(run bnprobe fit --batch-size to make one)")
+    return spec
+
+
+def _fit(m: Measurements, batch_size: int | None) -> NoiseSpec:
+    from ..measure.fit import fit_noise
+
+    return fit_noise(m, _style.check_batch_size(batch_size, m.batch_sizes))
+
+
+def _nominal_sigma(stat: str, n: float) -> float:
+    """Standard deviation of V or U for n independent values (NaN when undefined)."""
+    from ..stats import u_moments
+
+    if stat == "v":
+        return 1.0 / math.sqrt(n) if n > 0 else math.nan
+    return math.sqrt(u_moments(n)[1]) if n > 3 else math.nan
+
+
+def _panel(ax: Axes, layers: list[dict[str, Any]], stat: str, big: str) -> None:
+    """Box and strip of channel sigmas, the layer sigma, and the nominal sigma per layer."""
+    rng = np.random.default_rng(0)
+    x = np.array([int(layer["index"]) for layer in layers], dtype=float)
+    channels = [np.asarray(layer[f"sigma_{stat}_channels"], dtype=float) for layer in layers]
+    ax.boxplot(channels, positions=x, widths=0.55, showfliers=False, patch_artist=True,
+               boxprops={"facecolor": "#cfe0f1", "edgecolor": "0.35"},
+               medianprops={"color": "C0", "lw": 1.5}, whiskerprops={"color": "0.35"},
+               capprops={"color": "0.35"}, zorder=2)
+    for xi, values in zip(x, channels):
+        jitter = rng.uniform(-0.18, 0.18, size=values.size)
+        ax.scatter(xi + jitter, values, s=5, color="C0", alpha=0.45, lw=0, zorder=3)
+    ax.scatter([], [], s=12, color="C0", alpha=0.6, label="channels (box: quartiles, 1.5 IQR)")
+    ax.plot(x, [layer[f"sigma_{stat}"] for layer in layers], "D", color="C3", ms=6, zorder=4,
+            label="layer \u03c3 (root of the channel-mean variance)")
+    nominal = [_nominal_sigma(stat, float(layer["n"])) for layer in layers]
+    ax.plot(x, nominal, "_", color="0.1", ms=18, mew=2.2, zorder=5,
+            label="\u03c3 for n = k z independent values")
+    ax.set_yscale("log")
+    ax.set_ylabel(rf"$\sigma_{big}$")
+    definition = r"$V = (\mu - M)/\sigma$" if stat == "v" else r"$U = \sigma/S$"
+    ax.set_title(f"standard deviation of {definition} (log scale)", fontsize=10)
+    ax.grid(True, which="minor", axis="y", alpha=0.25)
+
+
+def plot_noise(noise: NoiseSource, out: _style.PathLike | None = None, pdf: bool = False,
+               batch_size: int | None = None) -> Figure:
+    """sigma_V and sigma_U per layer with the spread over channels, at the spec's batch size.
+
+    Each layer (x = layer index, named on the tick labels) shows a box and the points of its
+    channels' sigmas, the layer sigma (root of the channel-mean variance) and, for reference,
+    the sigma of independent values (``1/sqrt(n)`` for V, the exact sd of U, ``n = k z``).
+
+    Args:
+        noise: A ``NoiseSpec``, ``Measurements``, a fitted.json, or a measurement folder.
+        out: Where to save the figure; None saves nothing.
+        pdf: Also save a PDF next to ``out``.
+        batch_size: Batch size when fitting from measurements (must match a noise file's).
+
+    Returns:
+        The figure.
+    """
+    spec = load_noise(noise, batch_size)
+    layers = sorted(spec.layers, key=lambda layer: int(layer["index"]))
+    width = min(14.0, max(6.5, 0.55 * len(layers) + 3.0))
+    with _style.style():
+        fig, axes = _style.new_figure(2, 1, width, 3.3, sharex=True)
+        for ax, (stat, big) in zip(axes[:, 0], (("v", "V"), ("u", "U"))):
+            _panel(ax, layers, stat, big)
+        bottom = axes[1, 0]
+        bottom.set_xticks([int(layer["index"]) for layer in layers])
+        bottom.set_xticklabels([f"{int(layer['index'])} {layer['name']}" for layer in layers],
+                               rotation=35, ha="right", fontsize=8)
+        bottom.set_xlabel("BN layer")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8.5)
+        fig.suptitle(f"BN noise per layer at batch size k = {spec.batch_size}")
+        return _style.finish(fig, out, pdf)
