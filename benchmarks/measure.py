@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     sizes = [int(k) for k in args.batch_sizes.split(",")]
     g = torch.Generator().manual_seed(0)

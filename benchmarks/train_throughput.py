@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 gives stable timings on a shared 2-core machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     bs, n = args.batch_size, args.batch_size * args.steps
     g = torch.Generator().manual_seed(0)
@@ -77,7 +80,8 @@ def main() -> None:
     times = interleaved_times({"hand": hand, "bnprobe": bnprobe_step(False),
                                "bnprobe+augment": bnprobe_step(True)}, repeats=args.repeats)
     ips = {k: n / t for k, t in times.items()}
-    print(f"device {device}, All-CNN width {args.width}, batch {bs}, {args.steps} steps x {args.repeats}")
+    print(f"device {device} ({args.threads} threads), All-CNN width {args.width}, batch {bs}, "
+          f"{args.steps} steps x {args.repeats}")
     for k, v in ips.items():
         print(f"  {k:16s} {v:8.1f} images/s")
     print(f"ratio hand/bnprobe           = {ips['hand'] / ips['bnprobe']:.3f}  (target <= 1.05)")
