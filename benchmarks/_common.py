@@ -7,6 +7,14 @@ import time
 from typing import Callable
 
 
+def sync(device) -> None:
+    """Wait for queued CUDA work so that timings are complete (no-op on CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 1) -> dict:
     """Time each function ``repeats`` times, interleaving them to share machine noise.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times
+from _common import interleaved_times, sync
 
 from bnprobe.data import DeviceImages, Normalization
 from bnprobe.evaluation.run import _predict, evaluate_model
@@ -41,19 +41,15 @@ def main() -> None:
     test, train = images(args.n), images(1000)
     model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def floor():
         for _ in range(args.samples):
             _predict(model, test, 500)
-        sync()
+        sync(device)
 
     def mc():
         # evaluate_model also runs the single pass and the metrics; subtract nothing: honest total
         evaluate_model(model, test, train, mc=[args.samples], generator=torch.Generator().manual_seed(1))
-        sync()
+        sync(device)
 
     t = interleaved_times({"floor": floor, "mc": mc}, repeats=args.repeats)
     print(f"device {device}, All-CNN width {args.width}, {args.n} images, MC-{args.samples} (MCBN)")

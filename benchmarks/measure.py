@@ -15,7 +15,7 @@ import time
 import tracemalloc
 
 import torch
-from _common import interleaved_times
+from _common import interleaved_times, sync
 
 from bnprobe.data import DeviceImages, Normalization
 from bnprobe.measure import measure
@@ -43,10 +43,6 @@ def main() -> None:
     data = DeviceImages(images, torch.zeros(n, dtype=torch.long), norm, device)
     model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     @torch.no_grad()
     def floor():
         model.eval()
@@ -58,12 +54,12 @@ def main() -> None:
             for _ in range(args.samples):
                 model(data.batch(torch.randperm(n, generator=gen)[:k])[0])
         model.eval()
-        sync()
+        sync(device)
 
     def probe():
         measure(model, data, sizes, samples=args.samples, reference_cap=args.cap,
                 generator=torch.Generator().manual_seed(1))
-        sync()
+        sync(device)
 
     times = interleaved_times({"floor": floor, "measure": probe}, repeats=args.repeats)
     print(f"device {device}, All-CNN width {args.width}, batch sizes {sizes}, {args.samples} draws each")

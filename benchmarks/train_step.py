@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times
+from _common import interleaved_times, sync
 
 from bnprobe.data import DeviceImages, Normalization
 from bnprobe.models import build_model
@@ -64,10 +64,6 @@ def main() -> None:
         "an+learned": ("an", {"learn_noise": "channel"}),
     }
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def make(norm_name: str, extra: dict):
         kwargs = {"num_classes": 10, "width": args.width, "norm": norm_name, **extra}
         model = build_model("allcnn", kwargs, seed=0).to(device)
@@ -82,7 +78,7 @@ def main() -> None:
         def run() -> None:
             batches = data.iterate(bs, shuffle=True, generator=order, drop_last=True)
             train_epoch(model, optimizer, batches, after_step=after, regularizer=regularizer)
-            sync()
+            sync(device)
         return run
 
     times = interleaved_times({name: make(*spec) for name, spec in configs.items()}, repeats=args.repeats)

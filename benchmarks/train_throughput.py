@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times
+from _common import interleaved_times, sync
 from torch.nn import functional as F
 
 from bnprobe.data import DeviceImages, Normalization
@@ -54,10 +54,6 @@ def main() -> None:
     order = torch.Generator().manual_seed(1)
     aug = torch.Generator(device=device).manual_seed(2)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def hand():
         hand_model.train()
         perm = torch.randperm(n, generator=order).to(device)
@@ -67,14 +63,14 @@ def main() -> None:
             hand_opt.zero_grad(set_to_none=True)
             loss.backward()
             hand_opt.step()
-        sync()
+        sync(device)
 
     def bnprobe_step(augmented):
         def run():
             batches = data.iterate(bs, shuffle=True, augmented=augmented, generator=order,
                                    aug_generator=aug, drop_last=True)
             train_epoch(bn_model, bn_opt, batches)
-            sync()
+            sync(device)
         return run
 
     times = interleaved_times({"hand": hand, "bnprobe": bnprobe_step(False),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -29,21 +31,27 @@ def loss_and_accuracy(
     """
     if index is None:
         index = torch.arange(len(images))
-    if len(index) == 0:
+    batches = (images.batch(index[s : s + batch_size]) for s in range(0, len(index), batch_size))
+    return _nll_and_accuracy(model, batches, len(index), lambda x: F.log_softmax(model(x), dim=1))
+
+
+def _nll_and_accuracy(model: nn.Module, batches: Any, n: int, log_probs: Any) -> tuple[float, float]:
+    """Mean NLL and accuracy of ``log_probs(x)`` over ``batches`` in eval mode (flag restored)."""
+    if n == 0:
         return float("nan"), float("nan")
     was_training = model.training
     model.eval()
+    loss = correct = None
     try:
-        loss = torch.zeros((), dtype=torch.float64, device=images.device)
-        correct = torch.zeros((), dtype=torch.long, device=images.device)
-        for start in range(0, len(index), batch_size):
-            x, y = images.batch(index[start : start + batch_size])
-            out = model(x)
-            loss += F.cross_entropy(out, y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
+        for x, y in batches:
+            logp = log_probs(x)
+            batch_loss = F.nll_loss(logp, y, reduction="sum").double()
+            batch_correct = (logp.argmax(1) == y).sum()
+            loss = batch_loss if loss is None else loss + batch_loss
+            correct = batch_correct if correct is None else correct + batch_correct
     finally:
         model.train(was_training)
-    return loss.item() / len(index), correct.item() / len(index)
+    return loss.item() / n, correct.item() / n
 
 
 @torch.no_grad()
@@ -73,19 +81,8 @@ def mc_loss_and_accuracy(
     from ..evaluation.mc import mc_average
     from ..norms.inject import mc_mode
 
-    if len(images) == 0:
-        return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
-    try:
-        loss = torch.zeros((), dtype=torch.float64, device=images.device)
-        correct = torch.zeros((), dtype=torch.long, device=images.device)
-        with mc_mode(model, generator):
-            for x, y in images.iterate(batch_size):
-                samples = torch.stack([F.log_softmax(model(x), dim=1) for _ in range(n_samples)])
-                logp = mc_average(samples)
-                loss += F.nll_loss(logp, y, reduction="sum").double()
-                correct += (logp.argmax(1) == y).sum()
-    finally:
-        model.train(was_training)
-    return loss.item() / len(images), correct.item() / len(images)
+    def log_probs(x: torch.Tensor) -> torch.Tensor:
+        return mc_average(torch.stack([F.log_softmax(model(x), dim=1) for _ in range(n_samples)]))
+
+    with mc_mode(model, generator):
+        return _nll_and_accuracy(model, images.iterate(batch_size), len(images), log_probs)
