@@ -29,6 +29,7 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
 @device_option
 @click.option("--out", default="measurements", show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace measurements already in --out.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")
 @quiet_option
 def command(quiet: bool, **options) -> None:
     """Measure V and U of every BN layer of CHECKPOINT and write the measurement folder."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from ..errors import BnprobeError
 from ..options import MeasureMode, Reference
 from ..progress import progress_bar
 from ._layers import find_bn_layers, preserved_state
+from ._partial import PartialMeasurement, settings_key
 from ._source import InputSource
 from .measurements import FORMAT, VERSION, Measurements
 from .recorder import Recorder
@@ -76,6 +78,7 @@ def measure(
     reference_cap: int = 10000,
     progress: bool = False,
     source: dict[str, Any] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> Measurements:
     """Sample the BN noise V = (mu - M)/sigma and U = sigma/S of every BN layer.
 
@@ -98,6 +101,9 @@ def measure(
         reference_cap: At most this many inputs for the population statistics.
         progress: Show progress bars.
         source: Provenance to store in ``meta['source']`` (checkpoint, dataset, ...).
+        resume_dir: Folder where progress is kept (reference statistics, finished batch
+            sizes, generator states). A call with the same arguments continues from it and
+            gives the same result as an uninterrupted one; other arguments are refused.
 
     Returns:
         The measurements.
@@ -119,26 +125,36 @@ def measure(
     bn_layers = find_bn_layers(model, layers)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     aug_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    config = {"batch_sizes": batch_sizes, "samples": samples, "mode": mode.value,
+              "reference": reference.value, "spatial_fractions": fractions,
+              "layers": layers if layers is None or isinstance(layers, str) else list(layers),
+              "augment": bool(augment), "reference_cap": reference_cap}
+    partial = PartialMeasurement(resume_dir, settings_key(config, source, model, gen) if resume_dir else "")
+    gens = {"gen": gen, "aug_gen": aug_gen}
 
-    tables = []
     with preserved_state(model), torch.no_grad():
-        ref = _reference_stats(model, bn_layers, src, reference, reference_cap, gen, aug_gen, progress)
+        if partial.resumed:
+            partial.restore_generators(**gens)
+            ref = {n: (m.to(device), v.to(device)) for n, (m, v) in partial.reference.items()}
+        else:
+            ref = _reference_stats(model, bn_layers, src, reference, reference_cap, gen, aug_gen, progress)
+            partial.save(ref, gens)
         _set_mode(model, bn_layers, mode, ref)
         with Recorder(bn_layers, ref, fractions, aug_gen) as rec:
             for k in batch_sizes:
+                if k in partial.tables:
+                    continue
                 rec.reset(samples, device)
                 for _ in progress_bar(range(samples), total=samples, enabled=progress, desc=f"k={k}"):
                     idx = torch.randperm(len(src), generator=gen)[:k]
                     rec.run(model, src.get(idx, aug_gen))
-                tables.append(_tidy(rec, bn_layers, k, samples))
+                partial.save(ref, gens, k, _tidy(rec, bn_layers, k, samples))
+    tables = [partial.tables[k] for k in batch_sizes]
     layer_table, ref_table = _layer_tables(bn_layers, ref, rec_spatial={n: t for n, t in _spatial(tables)})
     meta = {
         "format": FORMAT, "version": VERSION, "bnprobe_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"batch_sizes": batch_sizes, "samples": samples, "mode": mode.value,
-                   "reference": reference.value, "spatial_fractions": fractions,
-                   "layers": layers if layers is None or isinstance(layers, str) else list(layers),
-                   "augment": bool(augment), "reference_cap": reference_cap},
+        "config": config,
         "source": source or {},
     }
     return Measurements(pd.concat(tables, ignore_index=True), layer_table, ref_table, meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +20,7 @@ from .measurements import Measurements
 
 SUMMARY_CSV = "summary.csv"
 FITTED_JSON = "fitted.json"
+PARTIAL_DIR = ".partial"
 
 
 def default_export_batch_size(batch_sizes: Sequence[int]) -> int:
@@ -44,6 +46,7 @@ def measure_checkpoint(
     seed: int = 0,
     device: str = "auto",
     force: bool = False,
+    resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Measurements, pd.DataFrame]:
@@ -51,6 +54,9 @@ def measure_checkpoint(
 
     Writes samples.parquet, layers.csv, reference.parquet, meta.json, summary.csv and
     fitted.json (at batch size 32 when measured, else the middle batch size) into ``out``.
+    Progress is kept in ``out/.partial`` after the reference pass and each batch size, so an
+    interrupted run continues with ``resume`` (same settings, same result); ``force`` starts
+    over.
 
     Returns:
         The measurements and their summary table.
@@ -59,6 +65,15 @@ def measure_checkpoint(
     out = Path(out)
     if (out / "meta.json").exists() and not force:
         raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
+    partial_dir = out / PARTIAL_DIR
+    if partial_dir.exists():
+        if force:
+            shutil.rmtree(partial_dir)
+        elif not resume:
+            raise BnprobeError(f"{out} holds an interrupted measurement; pass --resume to continue it "
+                               "or --force to start over")
+        else:
+            log(f"resuming the interrupted measurement in {out}")
     dev = resolve_device(device)
     ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
                            device=dev)
@@ -86,12 +101,13 @@ def measure_checkpoint(
     }
     m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
                 spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
-                progress=progress, source=source)
+                progress=progress, source=source, resume_dir=partial_dir)
     summary = m.summary(seed=seed)
     m.save(out)
     atomic_write(out / SUMMARY_CSV, lambda p: summary.to_csv(p, index=False))
     spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
     spec_out.save(out / FITTED_JSON)
+    shutil.rmtree(partial_dir, ignore_errors=True)
     return m, summary
 
 

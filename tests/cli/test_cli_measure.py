@@ -92,3 +92,14 @@ def test_foreign_state_dict_and_pickled_module(tmp_path):
     _one_error_line(*_run("measure", tmp_path / "module.pt", *args, "--out", tmp_path / "d"), "--unsafe-load")
     code, text = _run("measure", tmp_path / "module.pt", "--unsafe-load", *args, "--out", tmp_path / "e")
     assert code == 0, text
+
+
+def test_measure_refuses_an_interrupted_folder_without_resume(checkpoint, tmp_path):
+    out = tmp_path / "m"
+    (out / ".partial").mkdir(parents=True)
+    _one_error_line(*_run("measure", checkpoint, "--batch-sizes", "4", "--samples", "3", "--out", out,
+                          "--quiet"), "--resume")
+    code, text = _run("measure", checkpoint, "--batch-sizes", "4", "--samples", "3", "--out", out,
+                      "--quiet", "--resume")
+    assert code == 0, text
+    assert (out / "meta.json").is_file() and not (out / ".partial").exists()
