@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import BnprobeError
-from ..measure._layers import find_bn_layers, hooks_removed, preserved_state, reduce_dims
+from ..measure._layers import channel_moments, find_bn_layers, hooks_removed, preserved_state
 
 
 def noise_modules(model: nn.Module) -> list[nn.Module]:
@@ -77,7 +77,7 @@ def mcbn(model: nn.Module, draw_batch: Callable[[], torch.Tensor]) -> Iterator[C
 
     def hook(name):
         def fn(_m, inputs):
-            var, mean = torch.var_mean(inputs[0].detach(), dim=reduce_dims(inputs[0]), correction=0)
+            var, mean = channel_moments(inputs[0].detach())
             captured[name] = (mean, var)
 
         return fn

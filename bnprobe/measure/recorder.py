@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._layers import hooks_removed, reduce_dims, spatial_size
+from ._layers import channel_moments, hooks_removed, spatial_size
 from .reference import _StopForward
 
 
@@ -34,9 +34,9 @@ def _batch_stats(x: torch.Tensor, fraction: float, generator: torch.Generator | 
         z = flat.shape[2]
         keep = max(1, int(round(fraction * z)))
         pick = torch.randperm(z, device=x.device, generator=generator)[:keep]
-        var, mean = torch.var_mean(flat[:, :, pick], dim=(0, 2), correction=0)
+        var, mean = channel_moments(flat[:, :, pick])
     else:
-        var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+        var, mean = channel_moments(x)
     return mean, var
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
-from ._layers import hooks_removed, reduce_dims
+from ._layers import channel_moments, hooks_removed
 from ._source import InputSource
 
 
@@ -26,10 +26,10 @@ class _Moments:
         self.m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        # Per-batch moments in the input's dtype (torch uses a stable algorithm), combined
+        # Per-batch moments in the input's dtype (two passes, see channel_moments), combined
         # across batches in float64: exact enough and far cheaper than casting activations.
         n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach(), dim=reduce_dims(x), correction=0)
+        var, mean = channel_moments(x.detach())
         var, mean = var.to(torch.float64), mean.to(torch.float64)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, var * n
