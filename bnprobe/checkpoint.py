@@ -30,6 +30,7 @@ from .models.registry import build_model
 
 FORMAT = "bnprobe.checkpoint"
 VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"  # inside a run directory
 
 
 @dataclass
@@ -66,6 +67,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write a checkpoint atomically, adding the format header."""
     blob = {"format": FORMAT, "version": VERSION, "bnprobe_version": __version__, **payload}
     return atomic_write(path, lambda p: torch.save(blob, p))
+
+
+def checkpoint_path(target: str | Path) -> Path:
+    """The checkpoint file of ``target``: a run directory's checkpoint.pt, or ``target`` itself."""
+    target = Path(target)
+    return target / CHECKPOINT_FILE if target.is_dir() else target
 
 
 def read_checkpoint(path: str | Path, unsafe_load: bool = False, map_location: Any = "cpu") -> Any:
@@ -133,7 +140,8 @@ def open_checkpoint(
     """Load a checkpoint and build its model.
 
     Args:
-        path: A bnprobe checkpoint, or a foreign state_dict (then ``arch`` is required).
+        path: A bnprobe checkpoint or run directory (its checkpoint.pt), or a foreign
+            state_dict (then ``arch`` is required).
         arch: Architecture of a foreign state_dict, e.g. ``torchvision:resnet18``.
         num_classes: Number of classes of a foreign state_dict (default: inferred from the
             last weight's first dimension, or 1000).
@@ -143,6 +151,7 @@ def open_checkpoint(
     Returns:
         The checkpoint with its model in evaluation mode.
     """
+    path = checkpoint_path(path)
     obj = read_checkpoint(path, unsafe_load=unsafe_load)
     digest = sha256_file(path)
     device = torch.device(device) if device is not None else torch.device("cpu")

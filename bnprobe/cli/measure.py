@@ -8,7 +8,7 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
 
 
 @click.command("measure")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint")
 @click.option("--batch-sizes", type=CommaList(int, minimum=2), default="8,32,128", show_default=True,
               help="Batch sizes k, comma-separated.")
 @click.option("--samples", type=click.IntRange(min=2), default=200, show_default=True,
@@ -32,7 +32,7 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
 @click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")
 @quiet_option
 def command(quiet: bool, **options) -> None:
-    """Measure V and U of every BN layer of CHECKPOINT and write the measurement folder."""
+    """Measure V and U of every BN layer of CHECKPOINT (a file or RUN_DIR); write the measurement folder."""
     import pandas as pd
 
     from ..measure.pipeline import layer_table, measure_checkpoint

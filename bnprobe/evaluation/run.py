@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..checkpoint import open_checkpoint
+from ..checkpoint import checkpoint_path, open_checkpoint
 from ..data import DeviceImages, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write, atomic_write_json
@@ -136,11 +136,6 @@ def evaluate_model(
     return results, coverage, rob
 
 
-def _checkpoint_path(target: str | Path) -> Path:
-    target = Path(target)
-    return target / "checkpoint.pt" if target.is_dir() else target
-
-
 def evaluate_checkpoint(
     target: str | Path,
     split: str = "test",
@@ -179,7 +174,7 @@ def evaluate_checkpoint(
     split_kind = Split.parse(split, "split")
     if split_kind is Split.TRAIN:
         raise BnprobeError("evaluate on --split test or val, not train")
-    path = _checkpoint_path(target)
+    path = checkpoint_path(target)
     out = Path(out) if out is not None else path.parent / "evaluation"
     if (out / "metrics.json").exists() and not force:
         raise BnprobeError(f"{out} already holds an evaluation; pass --force to replace it or use --out")

@@ -95,7 +95,7 @@ def measure_checkpoint(
     log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
         f"batch sizes {list(batch_sizes)}, {samples} draws each")
     source: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
+        "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
         "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
         "dataset_fingerprint": data.fingerprint, "seed": seed,
     }

@@ -7,10 +7,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CHECKPOINT_FILE
 from ..io import atomic_write_text
 
 CONFIG = "config.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_FILE
 METRICS = "metrics.csv"
 
 

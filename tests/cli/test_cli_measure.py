@@ -103,3 +103,11 @@ def test_measure_refuses_an_interrupted_folder_without_resume(checkpoint, tmp_pa
                       "--quiet", "--resume")
     assert code == 0, text
     assert (out / "meta.json").is_file() and not (out / ".partial").exists()
+
+
+def test_measure_accepts_a_run_directory(checkpoint, tmp_path):
+    code, text = _run("measure", checkpoint.parent, "--batch-sizes", "4", "--samples", "3",
+                      "--out", tmp_path / "m", "--quiet")
+    assert code == 0, text
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert meta["source"]["checkpoint"].endswith("checkpoint.pt")
