@@ -4,7 +4,7 @@ The model is a BN All-CNN, so MC prediction is MCBN: each sample first runs one 
 batch to collect statistics. The floor is 30 evaluation-mode passes over the evaluation set
 with nothing else.
 
-Usage: python benchmarks/evaluate.py [--width 0.25] [--n 2000] [--device auto]
+Usage: python benchmarks/evaluate.py [--width 0.25] [--n 500] [--device auto]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bnprobe.options import resolve_device
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
