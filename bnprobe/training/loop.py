@@ -201,5 +201,9 @@ def train(
         mc = f"  mc {row['val_loss_mc']:.4f}" if "val_loss_mc" in row else ""
         log(f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
             f"(eval mode {eval_loss:.4f})  val loss {val_loss:.4f}{mc} acc {val_acc:.4f}  {seconds:.1f}s")
+        if "sigma_rel_mean" in row:
+            per_layer = " ".join(f"{v:.3g}" for k, v in row.items() if k.startswith("sigma_rel_")
+                                 and k != "sigma_rel_mean")
+            log(f"  learned noise sigma_S/s per layer: {per_layer}")
     set_noise_generator(model, None)  # the run's generator stays with the run
     return TrainResult(run_dir, model.eval(), history, config)

@@ -61,7 +61,8 @@ def test_checkpoint_round_trip_and_projection(case, tmp_path, tiny_data):
     kw = dict(CASES[case])
     if kw.get("noise") == "FITTED":
         kw["noise"] = _fitted(tmp_path / "fitted.json", per_channel_offset=0.01)
-    result = train(_config(**kw), tmp_path / "run", data=tiny_data)
+    lines = []
+    result = train(_config(**kw), tmp_path / "run", data=tiny_data, log=lines.append)
     raw = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert raw["arch"]["kwargs"]["norm"] == kw["norm"]
     ckpt = open_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -82,6 +83,10 @@ def test_checkpoint_round_trip_and_projection(case, tmp_path, tiny_data):
     if "learn_noise" in kw:
         assert 0 < float(rows[0]["sigma_rel_mean"]) < 1 and "sigma_rel_9" in rows[0]
         assert float(rows[0]["kl"]) > 0
+        logged = [ln for ln in lines if "sigma_S/s per layer" in ln]
+        assert len(logged) == len(rows) and len(logged[-1].split(":")[1].split()) == 9
+    else:
+        assert not any("sigma_S" in ln for ln in lines)
 
 
 def test_an_input_moments_come_from_the_training_data_and_survive_the_checkpoint(tmp_path, tiny_data):
