@@ -125,7 +125,7 @@ def plot_curves(run_dirs: Sequence[str | Path], metrics: Sequence[str] = DEFAULT
                             if c != "epoch" and pd.api.types.is_numeric_dtype(t[c])})
             raise BnprobeError(f"no run has a numeric metric {metric!r} (available: {', '.join(known)})")
     share = len({_kind(m) for m in metrics}) == 1
-    ncols = min(3, len(metrics))
+    ncols = 2 if len(metrics) == 4 else min(3, len(metrics))  # 2x2 rather than 3+1
     nrows = math.ceil(len(metrics) / ncols)
     with _style.style():
         fig, axes = _style.new_figure(nrows, ncols, 4.6, 3.5, sharey=share)
