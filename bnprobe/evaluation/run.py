@@ -243,16 +243,24 @@ def evaluate_checkpoint(
 def method_label(config: dict[str, Any], mc_mode: str | None = None) -> str:
     """A short method name from a run's config: norm, injected or learned noise."""
     label = str(config.get("norm", "?")).upper()
-    if config.get("noise"):
-        label += " + fitted noise"
     learn = config.get("learn_noise")
-    if learn and learn != "off":
+    if learn and learn != "off":  # a noise file then only initializes sigma_S
         label += f" + learned noise ({learn})"
+    elif config.get("noise"):
+        label += " + fitted noise"
     if mc_mode == "mcbn":
         label += " (MC: MCBN)"
     elif mc_mode == "parametric-bn":
         label += " (MC: parametric)"
     return label
+
+
+def _label(doc: dict[str, Any]) -> str:
+    """The method label, rebuilt from the run's config when the document records it."""
+    config = doc.get("source", {}).get("config")
+    if isinstance(config, dict) and "norm" in config:
+        return method_label(config, doc.get("metrics", {}).get("mc_mode"))
+    return str(doc.get("label", "?"))
 
 
 def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -263,7 +271,7 @@ def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
         single = m["single"]
         rows.append(
             {
-                "method": doc.get("label", "?"),
+                "method": _label(doc),
                 "accuracy": single["accuracy"],
                 "nll": single["nll"],
                 "nll_mc10": m.get("mc10", {}).get("nll", float("nan")),

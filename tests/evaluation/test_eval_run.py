@@ -1,0 +1,18 @@
+"""Method labels of the report follow the run's configuration."""
+
+import pytest
+
+from bnprobe.evaluation.run import method_label
+
+
+@pytest.mark.parametrize("config,mc_mode,label", [
+    ({"norm": "bn"}, "mcbn", "BN (MC: MCBN)"),
+    ({"norm": "bn"}, "parametric-bn", "BN (MC: parametric)"),
+    ({"norm": "wn", "noise": "fitted.json", "learn_noise": "off"}, None, "WN + fitted noise"),
+    # with learned noise the noise file only initializes sigma_S: no fixed noise is injected
+    ({"norm": "an", "noise": "fitted.json", "learn_noise": "channel"}, None, "AN + learned noise (channel)"),
+    ({"norm": "wn", "learn_noise": "layer"}, None, "WN + learned noise (layer)"),
+    ({"norm": "an"}, None, "AN"),
+])
+def test_method_label(config, mc_mode, label):
+    assert method_label(config, mc_mode) == label
