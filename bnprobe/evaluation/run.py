@@ -21,6 +21,7 @@ from ..io import atomic_write, atomic_write_json
 from ..options import Split, resolve_device
 from ..progress import progress_bar
 from .adversarial import robustness_curve
+from .labels import evaluation_label, method_label
 from .mc import mc_average
 from .metrics import summary_metrics
 from .selective import Uncertainty, aurc, coverage_curve
@@ -240,29 +241,6 @@ def evaluate_checkpoint(
     return doc
 
 
-def method_label(config: dict[str, Any], mc_mode: str | None = None) -> str:
-    """A short method name from a run's config: norm, injected or learned noise."""
-    label = str(config.get("norm", "?")).upper()
-    learn = config.get("learn_noise")
-    if learn and learn != "off":  # a noise file then only initializes sigma_S
-        label += f" + learned noise ({learn})"
-    elif config.get("noise"):
-        label += " + fitted noise"
-    if mc_mode == "mcbn":
-        label += " (MC: MCBN)"
-    elif mc_mode == "parametric-bn":
-        label += " (MC: parametric)"
-    return label
-
-
-def _label(doc: dict[str, Any]) -> str:
-    """The method label, rebuilt from the run's config when the document records it."""
-    config = doc.get("source", {}).get("config")
-    if isinstance(config, dict) and "norm" in config:
-        return method_label(config, doc.get("metrics", {}).get("mc_mode"))
-    return str(doc.get("label", "?"))
-
-
 def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The paper's Table 1: method, accuracy, NLL single pass, MC-10, MC-30, ECE, AURC."""
     rows = []
@@ -271,7 +249,7 @@ def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
         single = m["single"]
         rows.append(
             {
-                "method": _label(doc),
+                "method": evaluation_label(doc),
                 "accuracy": single["accuracy"],
                 "nll": single["nll"],
                 "nll_mc10": m.get("mc10", {}).get("nll", float("nan")),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bnprobe.evaluation.run import method_label
+from bnprobe.evaluation.labels import evaluation_label, method_label
 
 
 @pytest.mark.parametrize("config,mc_mode,label", [
@@ -16,3 +16,10 @@ from bnprobe.evaluation.run import method_label
 ])
 def test_method_label(config, mc_mode, label):
     assert method_label(config, mc_mode) == label
+
+
+def test_evaluation_label_rebuilds_from_the_recorded_config():
+    doc = {"label": "stale", "source": {"config": {"norm": "bn"}}, "metrics": {"mc_mode": "mcbn"}}
+    assert evaluation_label(doc) == "BN (MC: MCBN)"
+    assert evaluation_label(doc, with_mc=False) == "BN"
+    assert evaluation_label({"label": "foreign"}) == "foreign"
