@@ -63,7 +63,7 @@ def test_imagefolder_reads_caches_and_labels_sorted(tmp_path, monkeypatch):
     data = load_imagefolder(tmp_path / "ds", cache_dir=tmp_path / "cache")
     assert data.classes == ["ant", "cat"]
     assert data.train_x.shape == (6, 3, 6, 6) and data.train_y.tolist() == [0, 0, 0, 1, 1, 1]
-    img = np.asarray(Image.open(tmp_path / "ds" / "train" / "ant" / "0.png"))
+    img = np.array(Image.open(tmp_path / "ds" / "train" / "ant" / "0.png"))
     assert torch.equal(data.train_x[0], torch.from_numpy(img).permute(2, 0, 1))
     assert list((tmp_path / "cache").iterdir())
     import bnprobe.data.imagefolder as mod
