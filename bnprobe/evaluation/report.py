@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +30,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        cells = [("—" if math.isnan(v) else f"{v:.4g}") if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -44,6 +45,8 @@ def write_report(runs: Sequence[str | Path], out: str | Path, force: bool = Fals
     table = metrics_table(docs).dropna(axis=1, how="all")  # e.g. MC-30 when not evaluated
     table.insert(1, "run", [str(r) for r in runs])
     md = markdown_table(table)
+    if table.isna().any().any():
+        md += "\n— : no such prediction (a deterministic network: Monte Carlo = the single pass).\n"
     atomic_write_text(out, "# bnprobe report\n\n" + md)
     atomic_write(csv_path, lambda p: table.to_csv(p, index=False))
     return md

@@ -242,7 +242,10 @@ def evaluate_checkpoint(
 
 
 def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The paper's Table 1: method, accuracy, NLL single pass, MC-10, MC-30, ECE, AURC."""
+    """The paper's Table 1: method, accuracy and NLL (single pass, MC-10, MC-30), ECE, AURC.
+
+    MC columns are NaN where the run has no such prediction (a deterministic network).
+    """
     rows = []
     for doc in docs:
         m = doc["metrics"]
@@ -251,6 +254,8 @@ def metrics_table(docs: Sequence[dict[str, Any]]) -> pd.DataFrame:
             {
                 "method": evaluation_label(doc),
                 "accuracy": single["accuracy"],
+                "accuracy_mc10": m.get("mc10", {}).get("accuracy", float("nan")),
+                "accuracy_mc30": m.get("mc30", {}).get("accuracy", float("nan")),
                 "nll": single["nll"],
                 "nll_mc10": m.get("mc10", {}).get("nll", float("nan")),
                 "nll_mc30": m.get("mc30", {}).get("nll", float("nan")),
