@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times, sync
+from _common import interleaved_times, random_images, sync
 
-from bnprobe.data import DeviceImages, Normalization
 from bnprobe.evaluation.run import _predict, evaluate_model
 from bnprobe.models import build_model
 from bnprobe.options import resolve_device
@@ -32,13 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
-    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], 2, True)
-
-    def images(n):
-        return DeviceImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                            torch.randint(0, 10, (n,), generator=g), norm, device)
-
-    test, train = images(args.n), images(1000)
+    test, train = random_images(args.n, device, g), random_images(1000, device, g)
     model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
 
     def floor():

@@ -15,9 +15,8 @@ import time
 import tracemalloc
 
 import torch
-from _common import interleaved_times, sync
+from _common import interleaved_times, random_images, sync
 
-from bnprobe.data import DeviceImages, Normalization
 from bnprobe.measure import measure
 from bnprobe.models import build_model
 from bnprobe.options import resolve_device
@@ -38,9 +37,7 @@ def main() -> None:
     sizes = [int(k) for k in args.batch_sizes.split(",")]
     g = torch.Generator().manual_seed(0)
     n = max(args.cap, max(sizes))
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], translate=0, flip=False)
-    data = DeviceImages(images, torch.zeros(n, dtype=torch.long), norm, device)
+    data = random_images(n, device, g, augment=False)
     model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
 
     @torch.no_grad()

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times, sync
+from _common import interleaved_times, random_images, sync
 
-from bnprobe.data import DeviceImages, Normalization
 from bnprobe.models import build_model
 from bnprobe.models.allcnn import layer_channels
 from bnprobe.norms.an import dataset_channel_moments
@@ -51,11 +50,8 @@ def main() -> None:
     device = resolve_device(args.device)
     bs, n = args.batch_size, args.batch_size * args.steps
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], translate=2, flip=True)
-    data = DeviceImages(images, labels, norm, device)
-    moments = dataset_channel_moments(images, norm.mean, norm.std)
+    data = random_images(n, device, g)
+    moments = dataset_channel_moments(data.images.cpu(), data.norm.mean, data.norm.std)
     configs = {
         "bn": ("bn", {}),
         "wn": ("wn", {}),

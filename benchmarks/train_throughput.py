@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_times, sync
+from _common import interleaved_times, random_images, sync
 from torch.nn import functional as F
 
-from bnprobe.data import DeviceImages, Normalization
 from bnprobe.models import build_model
 from bnprobe.options import resolve_device
 from bnprobe.training.loop import train_epoch
@@ -37,12 +36,9 @@ def main() -> None:
     device = resolve_device(args.device)
     bs, n = args.batch_size, args.batch_size * args.steps
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    norm = Normalization([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], translate=2, flip=True)
-    data = DeviceImages(images, labels, norm, device)
+    data = random_images(n, device, g)
     x_float = data.batch(torch.arange(n))[0]  # pre-normalized copy for the hand-written loop
-    y_dev = labels.to(device)
+    y_dev = data.labels
 
     def make():
         model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device)
