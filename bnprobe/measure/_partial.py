@@ -86,11 +86,12 @@ class PartialMeasurement:
              table: pd.DataFrame | None = None) -> None:
         """Record the reference statistics, generator states and (optionally) a finished ``k``."""
         self.reference = reference
-        if k is not None and table is not None:
+        finished = k is not None and table is not None
+        if finished:
             self.tables[int(k)] = table
         if self.directory is None:
             return
-        if k is not None and table is not None:
+        if finished:
             atomic_write(self.directory / f"k{int(k)}.parquet", lambda p: table.to_parquet(p, index=False))
         state = {
             "key": self.key,
