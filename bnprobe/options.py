@@ -100,6 +100,20 @@ class Reference(Choice):
     RUNNING = "running"
 
 
+class IsolatedMethod(Choice):
+    """How isolated mode draws batches: from per-input sufficient statistics or by forward passes."""
+
+    SUFFICIENT = "sufficient"
+    FORWARD = "forward"
+
+
+class SpatialSampling(Choice):
+    """Random spatial subsets: positions drawn per input (i.i.d.) or one set shared by the batch."""
+
+    INDEPENDENT = "independent"
+    SHARED = "shared"
+
+
 class Optimizer(Choice):
     """Optimizers for training."""
 

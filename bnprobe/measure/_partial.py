@@ -1,7 +1,8 @@
 """Resumable progress of ``measure``: the reference statistics and each finished batch size.
 
-The folder holds ``state.pt`` (settings key, reference statistics, generator states and the
-finished batch sizes) and one ``k<K>.parquet`` table per finished batch size. Restoring the
+The folder holds ``reference.pt`` (the reference pass: statistics and per-input sums),
+``state.pt`` (settings key, generator states and the finished batch sizes) and one
+``k<K>.parquet`` table per finished batch size. Restoring the
 generator states makes a resumed measurement identical to an uninterrupted one.
 """
 
@@ -20,6 +21,7 @@ from ..errors import BnprobeError
 from ..io import atomic_write
 
 STATE = "state.pt"
+REFERENCE = "reference.pt"
 
 
 def settings_key(config: dict[str, Any], source: dict[str, Any] | None, model: nn.Module,
@@ -49,7 +51,7 @@ class PartialMeasurement:
     def __init__(self, directory: str | Path | None, key: str) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.key = key
-        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.reference: dict[str, Any] | None = None
         self.tables: dict[int, pd.DataFrame] = {}
         self._gens: dict[str, torch.Tensor] = {}
         if self.directory is not None and (self.directory / STATE).is_file():
@@ -65,7 +67,11 @@ class PartialMeasurement:
         if state.get("key") != self.key:
             raise BnprobeError(f"{self.directory} holds an interrupted measurement with other settings; "
                                "pass --force to start over")
-        self.reference = {name: (mean, var) for name, (mean, var) in state["reference"].items()}
+        try:
+            self.reference = torch.load(self.directory / REFERENCE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
+            raise BnprobeError(f"{self.directory}: unreadable reference of an interrupted measurement "
+                               f"({exc}); pass --force to start over") from exc
         self._gens = state["generators"]
         for k in state["done"]:
             self.tables[int(k)] = pd.read_parquet(self.directory / f"k{int(k)}.parquet")
@@ -81,21 +87,22 @@ class PartialMeasurement:
             if name in self._gens:
                 gen.set_state(self._gens[name])
 
-    def save(self, reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
-             generators: dict[str, torch.Generator], k: int | None = None,
-             table: pd.DataFrame | None = None) -> None:
-        """Record the reference statistics, generator states and (optionally) a finished ``k``."""
+    def save(self, reference: dict[str, Any], generators: dict[str, torch.Generator],
+             k: int | None = None, table: pd.DataFrame | None = None) -> None:
+        """Record the reference pass (written once), generator states and a finished ``k``."""
+        first = self.reference is None
         self.reference = reference
         finished = k is not None and table is not None
         if finished:
             self.tables[int(k)] = table
         if self.directory is None:
             return
+        if first:
+            atomic_write(self.directory / REFERENCE, lambda p: torch.save(reference, p))
         if finished:
             atomic_write(self.directory / f"k{int(k)}.parquet", lambda p: table.to_parquet(p, index=False))
         state = {
             "key": self.key,
-            "reference": {n: (m.detach().cpu(), v.detach().cpu()) for n, (m, v) in reference.items()},
             "generators": {n: g.get_state() for n, g in generators.items()},
             "done": sorted(self.tables),
         }

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from ..checkpoint import open_checkpoint
+from ..checkpoint import checkpoint_path, open_checkpoint, save_checkpoint
 from ..data import DataSpec, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write
@@ -17,6 +17,7 @@ from ..options import resolve_device
 from .core import _check_sizes, measure
 from .fit import fit_noise
 from .measurements import Measurements
+from .recalibrate import recalibrate
 
 SUMMARY_CSV = "summary.csv"
 FITTED_JSON = "fitted.json"
@@ -38,6 +39,10 @@ def measure_checkpoint(
     reference: str = "population",
     spatial_fractions: Sequence[float] | None = None,
     layers: str | None = None,
+    reference_size: int | None = None,
+    augment_draws: int = 1,
+    isolated_method: str = "sufficient",
+    spatial_sampling: str = "independent",
     dataset: str | None = None,
     data_root: str | None = None,
     arch: str | None = None,
@@ -77,19 +82,7 @@ def measure_checkpoint(
     dev = resolve_device(device)
     ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
                            device=dev)
-    spec = ckpt.data
-    name = dataset or (spec.name if spec else None)
-    if name is None:
-        raise BnprobeError("this checkpoint records no dataset: pass --dataset (and --data-root)")
-    root = data_root or (spec.root if spec and name == spec.name else None)
-    data = load_dataset(name, root)
-    if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
-        spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
-    if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
-        raise BnprobeError(
-            f"the model expects inputs {spec.input_shape}, the data has {list(data.input_shape)}"
-        )
-    splits = make_splits(data, spec, dev)
+    name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
     _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
     gen = torch.Generator().manual_seed(seed)
     log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
@@ -101,8 +94,14 @@ def measure_checkpoint(
     }
     m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
                 spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
+                reference_size=reference_size, augment_draws=augment_draws,
+                isolated_method=isolated_method, spatial_sampling=spatial_sampling,
                 progress=progress, source=source, resume_dir=partial_dir)
+    for warning in m.meta.get("warnings", []):
+        log(f"Warning: {warning}")
     summary = m.summary(seed=seed)
+    summary.insert(2, "mode", m.meta["config"]["mode"])
+    summary.insert(3, "reference", m.meta["config"]["reference"])
     m.save(out)
     atomic_write(out / SUMMARY_CSV, lambda p: summary.to_csv(p, index=False))
     spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
@@ -117,3 +116,85 @@ def layer_table(summary: pd.DataFrame) -> pd.DataFrame:
     cols = ["layer_index", "layer", "batch_size", "n", "n_eff", "sigma_v", "sigma_u", "ks_p",
             "slope_v", "slope_u"]
     return full[cols].sort_values(["layer_index", "batch_size"]).reset_index(drop=True)
+
+
+def checkpoint_training_data(ckpt: Any, dataset: str | None, data_root: str | None, dev: torch.device):
+    """The training data a checkpoint was trained on (or the one named), split as in training.
+
+    Returns:
+        ``(name, root, data, splits)``.
+    """
+    spec = ckpt.data
+    name = dataset or (spec.name if spec else None)
+    if name is None:
+        raise BnprobeError("this checkpoint records no dataset: pass --dataset (and --data-root)")
+    root = data_root or (spec.root if spec and name == spec.name else None)
+    data = load_dataset(name, root)
+    if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
+        spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
+    if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
+        raise BnprobeError(
+            f"the model expects inputs {spec.input_shape}, the data has {list(data.input_shape)}"
+        )
+    return name, root, data, make_splits(data, spec, dev)
+
+
+def recalibrate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    reference_size: int | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    unsafe_load: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a copy of a checkpoint whose BN buffers hold the sequential population statistics.
+
+    Args:
+        checkpoint: A checkpoint file or run directory.
+        out: The new file (default: ``<name>-precise.pt`` beside the checkpoint).
+        reference_size: Training images to use (default: all).
+        dataset: Override the checkpoint's dataset.
+        data_root: Override the dataset folder.
+        arch: Architecture of a plain state_dict.
+        num_classes: Classes of a plain state_dict.
+        unsafe_load: Allow pickled checkpoints.
+        seed: Seed of the subset and augmentation.
+        device: Where to run.
+        force: Replace ``out`` if it exists.
+        progress: Show a progress bar.
+        log: Receives progress lines.
+
+    Returns:
+        The path written.
+    """
+    log = log or (lambda _m: None)
+    src = checkpoint_path(checkpoint)
+    out = Path(out) if out is not None else src.with_name(f"{src.stem}-precise{src.suffix or '.pt'}")
+    if out.exists() and not force:
+        raise BnprobeError(f"{out} already exists; pass --force to replace it or choose --out")
+    if out.resolve() == src.resolve():
+        raise BnprobeError(f"--out {out} is the checkpoint itself; choose another file")
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
+                           device=dev)
+    name, _, _, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
+    info = recalibrate(ckpt.model, splits.train, size=reference_size,
+                       generator=torch.Generator().manual_seed(seed), device=dev, progress=progress)
+    info.update({"dataset": name, "seed": seed, "source_sha256": ckpt.sha256})
+    log(f"recalibrated {info['layers']} BN layers over {info['images']} training images of {name}")
+    state = {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()}
+    if ckpt.is_bnprobe:
+        payload = {k: v for k, v in ckpt.payload.items() if k not in ("format", "version", "bnprobe_version")}
+        payload["state_dict"] = state
+        payload["precise_bn"] = info
+        save_checkpoint(out, payload)
+    else:
+        atomic_write(out, lambda p: torch.save(state, p))
+    return out

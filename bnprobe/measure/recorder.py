@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._layers import channel_moments, hooks_removed, spatial_size
-from .reference import _StopForward
+from .graph import StopForward
 
 
 class LayerRecord:
@@ -22,19 +22,29 @@ class LayerRecord:
     """
 
     def __init__(self, draws: int, channels: int, fractions: Sequence[float], device: torch.device) -> None:
-        self.v = {f: torch.empty(draws, channels, device=device) for f in fractions}
-        self.u = {f: torch.empty(draws, channels, device=device) for f in fractions}
+        self.v = {f: torch.empty(draws, channels, device=device, dtype=torch.float64) for f in fractions}
+        self.u = {f: torch.empty(draws, channels, device=device, dtype=torch.float64) for f in fractions}
         self.spatial = 0
 
 
-def _batch_stats(x: torch.Tensor, fraction: float, generator: torch.Generator | None):
-    """Biased mean/variance over batch and (a random fraction of) spatial positions."""
-    if fraction < 1.0:
+def _batch_stats(x: torch.Tensor, fraction: float, generator: torch.Generator | None,
+                 shared: bool = False):
+    """Biased mean/variance over batch and (a random fraction of) spatial positions.
+
+    A fraction below 1 keeps ``round(fraction z)`` positions drawn independently for each
+    input (the i.i.d. subsample that the n = k z model describes), or with ``shared`` one
+    set of positions for the whole batch.
+    """
+    if fraction < 1.0 and x.dim() > 2:
         flat = x.flatten(2)
-        z = flat.shape[2]
+        b, c, z = flat.shape
         keep = max(1, int(round(fraction * z)))
-        pick = torch.randperm(z, device=x.device, generator=generator)[:keep]
-        var, mean = channel_moments(flat[:, :, pick])
+        if shared:
+            part = flat[:, :, torch.randperm(z, device=x.device, generator=generator)[:keep]]
+        else:
+            pick = torch.rand(b, z, device=x.device, generator=generator).argsort(dim=1)[:, :keep]
+            part = flat.gather(2, pick.unsqueeze(1).expand(-1, c, -1))
+        var, mean = channel_moments(part)
     else:
         var, mean = channel_moments(x)
     return mean, var
@@ -48,6 +58,7 @@ class Recorder:
         reference: name -> (mu, sigma^2) of each layer's input.
         fractions: Spatial fractions to record (1.0 = all positions).
         generator: Device generator for the random spatial subsets.
+        shared_positions: One random set of positions per batch instead of per input.
     """
 
     def __init__(
@@ -56,8 +67,10 @@ class Recorder:
         reference: dict[str, tuple[torch.Tensor, torch.Tensor]],
         fractions: Sequence[float],
         generator: torch.Generator | None = None,
+        shared_positions: bool = False,
     ) -> None:
         self.layers = list(layers)
+        self.shared = shared_positions
         self.fractions = list(fractions)
         self.generator = generator
         self.records: dict[str, LayerRecord] = {}
@@ -85,11 +98,11 @@ class Recorder:
             rec = self.records[name]
             rec.spatial = spatial_size(x)
             for f in self.fractions:
-                mean, var = _batch_stats(x, f, self.generator)
+                mean, var = _batch_stats(x, f, self.generator, self.shared)
                 rec.v[f][self.draw] = (mu - mean.double()).div(std).to(rec.v[f].dtype)
                 rec.u[f][self.draw] = std.div((var.double() + eps).sqrt()).to(rec.u[f].dtype)
             if last:
-                raise _StopForward
+                raise StopForward
 
         return fn
 
@@ -105,6 +118,6 @@ class Recorder:
 
     def run(self, model: nn.Module, x: torch.Tensor) -> None:
         """One forward pass (stopped after the last recorded layer), recording draw ``draw``."""
-        with contextlib.suppress(_StopForward):
+        with contextlib.suppress(StopForward):
             model(x)
         self.draw += 1

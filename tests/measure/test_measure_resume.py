@@ -42,7 +42,7 @@ def test_interrupted_measurement_resumes_identically(tmp_path, monkeypatch):
     monkeypatch.setattr(Recorder, "run", failing)
     with pytest.raises(_Interrupt):
         _run(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k4.parquet", "state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k4.parquet", "reference.pt", "state.pt"]
     redone = {"n": 0}
 
     def counting(self, m, x):
@@ -86,3 +86,26 @@ def test_resume_with_other_settings_is_refused(tmp_path, change):
             with torch.no_grad():
                 model.features[0].conv.weight.mul_(1.5)
             _run(model, tmp_path)
+
+
+def test_interrupted_isolated_measurement_resumes_identically(tmp_path, monkeypatch):
+    import bnprobe.measure.core as core
+
+    model = _model()
+    full = _run(model, mode="isolated")
+    original = core.isolated_vu
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:  # inside the second batch size (9 layers x 2 fractions each)
+            raise _Interrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core, "isolated_vu", failing)
+    with pytest.raises(_Interrupt):
+        _run(model, tmp_path, mode="isolated")
+    monkeypatch.setattr(core, "isolated_vu", original)
+    resumed = _run(model, tmp_path, mode="isolated")
+    pd.testing.assert_frame_equal(full.samples, resumed.samples)
+    pd.testing.assert_frame_equal(full.reference, resumed.reference)

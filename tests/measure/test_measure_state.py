@@ -104,7 +104,7 @@ def test_torchvision_models(name):
     model = torchvision.models.get_model(name, weights=None, num_classes=10)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     snap = _snapshot(model)
-    m = measure(model, torch.randn(12, 3, 32, 32), [4], samples=2, reference_cap=12)
+    m = measure(model, torch.randn(12, 3, 32, 32), [4], samples=2, reference_size=12)
     assert len(m.layers) == n_bn
     assert m.samples["u"].notna().all() and (m.samples["u"] > 0).all()
     _assert_same(model, snap)
