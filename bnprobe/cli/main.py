@@ -28,7 +28,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 # One module per command, each exposing ``command``; they import the library lazily.
-_COMMANDS = ["quickstart", "train", "retrain", "measure", "fit", "plot", "evaluate", "report"]
+_COMMANDS = ["quickstart", "train", "retrain", "measure", "recalibrate", "fit", "plot", "evaluate", "report"]
 
 
 def _register() -> None:

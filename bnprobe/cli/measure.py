@@ -13,12 +13,27 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
               help="Batch sizes k, comma-separated.")
 @click.option("--samples", type=click.IntRange(min=2), default=200, show_default=True,
               help="Random batches per batch size.")
-@click.option("--mode", default="joint", show_default=True,
-              help="joint (all BN in training mode) or isolated (upstream BN deterministic).")
-@click.option("--reference", default="population", show_default=True,
-              help="population (exact statistics over the data) or running (the BN buffers).")
+@click.option("--mode", type=click.Choice(["joint", "isolated"]), default="joint", show_default=True,
+              help="joint: every BN in training mode, as in learning (V, U carry upstream noise); "
+                   "isolated: every other BN normalizes by the reference (pure per-layer noise).")
+@click.option("--reference", type=click.Choice(["population", "running"]), default="population",
+              show_default=True,
+              help="population: each layer's input over the training data with every upstream BN "
+                   "normalizing by its own population statistics (exact, float64, ~1 forward pass); "
+                   "running: the BN buffers.")
+@click.option("--reference-size", type=click.IntRange(min=1), default=None,
+              help="Training images for the reference (a seeded subset) [default: all].")
+@click.option("--augment-draws", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmented copies of each image in the reference (and isolated draws).")
+@click.option("--isolated-method", type=click.Choice(["sufficient", "forward"]), default="sufficient",
+              show_default=True,
+              help="isolated mode: draw batches from per-image sums (no forward passes) "
+                   "or by forward passes.")
 @click.option("--spatial-fractions", type=CommaList(float), default=None,
               help="Also use random subsets of these fractions of spatial positions, e.g. 0.25,0.5,1.")
+@click.option("--spatial-sampling", type=click.Choice(["independent", "shared"]), default="independent",
+              show_default=True,
+              help="Random positions drawn per image (i.i.d., the n = k z model) or shared by the batch.")
 @click.option("--layers", default=None, help="Glob(s) of BN layer names, comma-separated (default all).")
 @click.option("--dataset", default=None, help="Override the checkpoint's dataset.")
 @click.option("--data-root", default=None, help="Override the dataset folder.")
@@ -32,12 +47,18 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
 @click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")
 @quiet_option
 def command(quiet: bool, **options) -> None:
-    """Measure V and U of every BN layer of CHECKPOINT (a file or RUN_DIR); write the measurement folder."""
+    """Measure V and U of every BN layer of CHECKPOINT (a file or RUN_DIR); write the measurement folder.
+
+    V = (mu - M) / sqrt(sigma^2 + eps) and U = sqrt(sigma^2 + eps) / sqrt(S^2 + eps), with M, S^2 a
+    batch's mean and variance of the layer's input, mu, sigma^2 the reference, eps the BN's own.
+    """
     import pandas as pd
 
     from ..measure.pipeline import layer_table, measure_checkpoint
 
-    _, summary = measure_checkpoint(progress=not quiet, log=None if quiet else echo, **options)
+    m, summary = measure_checkpoint(progress=not quiet, log=None if quiet else echo, **options)
+    for warning in m.meta.get("warnings", []):
+        click.echo(f"Warning: {warning}", err=True)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500,
                            "display.float_format", "{:.4g}".format):
         echo(layer_table(summary).to_string(index=False))

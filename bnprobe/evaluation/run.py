@@ -137,6 +137,16 @@ def evaluate_model(
     return results, coverage, rob
 
 
+def bn_buffers(ckpt: Any) -> str | None:
+    """Which statistics a checkpoint's BN layers normalize by in evaluation mode (None: no BN)."""
+    if not has_bn(ckpt.model):
+        return None
+    info = (ckpt.payload or {}).get("precise_bn")
+    if info:
+        return f"population statistics (precise BN over {info.get('images', '?')} training images)"
+    return "running averages from training (may lag the weights; see bnprobe recalibrate)"
+
+
 def evaluate_checkpoint(
     target: str | Path,
     split: str = "test",
@@ -190,6 +200,9 @@ def evaluate_checkpoint(
         from ..measure.noise_spec import NoiseSpec
 
         noise_spec = NoiseSpec.load(noise)
+    buffers = bn_buffers(ckpt)
+    if buffers and log:
+        log(f"BN buffers: {buffers}")
     data = load_dataset(ckpt.data.name, ckpt.data.root)
     splits = make_splits(data, ckpt.data, dev)
     images = splits.test if split_kind is Split.TEST else splits.val
@@ -221,6 +234,7 @@ def evaluate_checkpoint(
             "dataset_fingerprint": ckpt.data.fingerprint,
             "config": ckpt.config,
             "noise": str(noise) if noise else None,
+            "bn_buffers": buffers,
         },
         "config": {
             "split": split_kind.value,

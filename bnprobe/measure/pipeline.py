@@ -97,8 +97,6 @@ def measure_checkpoint(
                 reference_size=reference_size, augment_draws=augment_draws,
                 isolated_method=isolated_method, spatial_sampling=spatial_sampling,
                 progress=progress, source=source, resume_dir=partial_dir)
-    for warning in m.meta.get("warnings", []):
-        log(f"Warning: {warning}")
     summary = m.summary(seed=seed)
     summary.insert(2, "mode", m.meta["config"]["mode"])
     summary.insert(3, "reference", m.meta["config"]["reference"])
