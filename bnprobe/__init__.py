@@ -33,6 +33,9 @@ _EXPORTS = {
     "fit_noise": ".measure",
     "find_bn_layers": ".measure",
     "measure_checkpoint": ".measure.pipeline",
+    "recalibrate": ".measure",
+    "recalibrate_checkpoint": ".measure.pipeline",
+    "reference_pass": ".measure",
     "retrain": ".retrain",
     "retrain_config": ".retrain",
     "mc_mode": ".norms.inject",
@@ -45,6 +48,10 @@ _EXPORTS = {
     "Device": ".options",
     "DatasetName": ".options",
     "resolve_device": ".options",
+    "MeasureMode": ".options",
+    "Reference": ".options",
+    "IsolatedMethod": ".options",
+    "SpatialSampling": ".options",
 }
 
 __all__ = ["__version__", *_EXPORTS]

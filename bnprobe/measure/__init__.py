@@ -5,5 +5,8 @@ from .core import measure
 from .fit import fit_noise
 from .measurements import Measurements
 from .noise_spec import NoiseSpec
+from .recalibrate import recalibrate
+from .reference import ReferenceResult, reference_pass
 
-__all__ = ["Measurements", "NoiseSpec", "find_bn_layers", "fit_noise", "measure", "preserved_state"]
+__all__ = ["Measurements", "NoiseSpec", "ReferenceResult", "find_bn_layers", "fit_noise", "measure",
+           "preserved_state", "recalibrate", "reference_pass"]
