@@ -152,10 +152,10 @@ def _blocks(samples: pd.DataFrame) -> Iterator[_Block]:
 def _group_row(b: _Block) -> dict[str, Any]:
     """The per-group statistics of one block (without slopes)."""
     n = b.n
-    v, u = b.v.ravel(), b.u.ravel()
+    u = b.u.ravel()
     var_v, var_u = _channel_mean_var(b.v), _channel_mean_var(b.u)
     n_max = max(1e8, 100.0 * n)  # the search range must contain the nominal n
-    n_eff = fit_neff(v, u, n_max=n_max)
+    n_eff = fit_neff(b.v, b.u, n_max=n_max)  # 2-D: V centred, U rescaled per channel
     nan2 = (float("nan"), float("nan"))
     ks = ks_s2_ratio(u, n) if n > 1 else nan2
     ks_fit = ks_s2_ratio(u, n, n_eff) if n > 1 else nan2
@@ -171,8 +171,8 @@ def _group_row(b: _Block) -> dict[str, Any]:
         "sigma_v": float(np.sqrt(var_v)),
         "sigma_u": float(np.sqrt(var_u)),
         "n_eff": n_eff,
-        "n_eff_v": fit_neff_v(v),
-        "n_eff_u": fit_neff_u(u, n_max=n_max),
+        "n_eff_v": fit_neff_v(b.v),
+        "n_eff_u": fit_neff_u(b.u, n_max=n_max),
         "ks_stat": ks[0],
         "ks_p": ks[1],
         "ks_stat_fit": ks_fit[0],

@@ -132,7 +132,8 @@ def test_matches_direct_computation(table: pd.DataFrame, summary: pd.DataFrame) 
     ].iloc[0]
     assert row["var_v"] == pytest.approx(np.mean(np.var(v, axis=0, ddof=1)), rel=1e-12)
     assert row["var_u"] == pytest.approx(np.mean(np.var(u, axis=0, ddof=1)), rel=1e-12)
-    assert row["n_eff_v"] == pytest.approx(1.0 / np.mean(v**2), rel=1e-12)
+    # n_eff_v comes from V centred per channel (pooled unbiased variance), not 1/mean(v^2).
+    assert row["n_eff_v"] == pytest.approx(1.0 / row["var_v"], rel=1e-12)
 
 
 def test_reproducible(table: pd.DataFrame, summary: pd.DataFrame) -> None:
