@@ -2,8 +2,9 @@
 
 from ._layers import find_bn_layers, preserved_state
 from .core import measure
-from .fit import fit_noise
+from .fit import fit_noise, noise_flags
 from .measurements import Measurements
 from .noise_spec import NoiseSpec
 
-__all__ = ["Measurements", "NoiseSpec", "find_bn_layers", "fit_noise", "measure", "preserved_state"]
+__all__ = ["Measurements", "NoiseSpec", "find_bn_layers", "fit_noise", "measure", "noise_flags",
+           "preserved_state"]
