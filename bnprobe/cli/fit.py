@@ -16,7 +16,7 @@ from ._common import echo
 def command(measurements: str, batch_size: int, out: str, force: bool) -> None:
     """Write the noise file (format bnprobe.noise v1) consumed by `bnprobe retrain --noise`."""
     from ..io import refuse_overwrite
-    from ..measure import Measurements, fit_noise
+    from ..measure import Measurements, fit_noise, noise_flags
 
     if not force:
         refuse_overwrite(out, "pass --force to overwrite")
@@ -26,3 +26,5 @@ def command(measurements: str, batch_size: int, out: str, force: bool) -> None:
         echo(f"{layer['index']:3d} {layer['name']:30s} sigma_v {layer['sigma_v']:.4f}  "
              f"sigma_u {layer['sigma_u']:.4f}  n_eff {layer['n_eff']:.1f}")
     echo(f"wrote {out} (batch size {batch_size})")
+    for line in noise_flags(spec):
+        click.echo(f"Warning: {line}", err=True)

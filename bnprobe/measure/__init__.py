@@ -2,11 +2,11 @@
 
 from ._layers import find_bn_layers, preserved_state
 from .core import measure
-from .fit import fit_noise
+from .fit import fit_noise, noise_flags
 from .measurements import Measurements
 from .noise_spec import NoiseSpec
 from .recalibrate import recalibrate
 from .reference import ReferenceResult, reference_pass
 
 __all__ = ["Measurements", "NoiseSpec", "ReferenceResult", "find_bn_layers", "fit_noise", "measure",
-           "preserved_state", "recalibrate", "reference_pass"]
+           "noise_flags", "preserved_state", "recalibrate", "reference_pass"]

@@ -1,8 +1,15 @@
-"""``fit_noise``: turn measurements into per-layer noise levels at one batch size."""
+"""``fit_noise``: turn measurements into per-layer noise levels at one batch size.
+
+Each layer entry also carries the bias checks of the summary (``v_bias_z``, ``v_bias_frac4``,
+``u_bias_z``, ``mean_u``, ``eu_model``, at the measured batch size) and a list of ``flags``:
+short warnings that the measured noise does not fit the Gaussian model (biased V, U off the
+model's mean, tiny or non-finite ``n_eff``). :func:`noise_flags` lists them per layer.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +25,69 @@ def _channel_vars(samples: pd.DataFrame) -> pd.DataFrame:
     return full.groupby(["layer", "batch_size", "channel"])[["v", "u"]].var(ddof=1).sort_index()
 
 
+# Summary columns copied into each layer entry when present (NaN is written as null).
+BIAS_FIELDS = ("v_bias_z", "v_bias_frac4", "u_bias_z", "mean_u", "eu_model")
+V_BIAS_FRAC_MAX = 0.05
+U_BIAS_Z_MAX = 4.0
+N_EFF_MIN = 4.0
+_CHECKED_FIELDS = ("n_eff", "sigma_v", "sigma_u", "v_bias_z", "v_bias_frac4", "u_bias_z")
+
+
+def _number(x: Any) -> float | None:
+    """``x`` as a float, or None when it is missing or not finite."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def layer_flags(entry: dict[str, Any]) -> list[str]:
+    """Short warnings for one NoiseSpec layer entry.
+
+    Args:
+        entry: A layer dict with n_eff, sigma_v, sigma_u and optionally the bias fields.
+
+    Returns:
+        Zero or more of: ``"non-finite: <fields>"`` (NaN or missing-as-null values),
+        ``"V biased: 45% of channels |mean| > 4 SE"`` (``v_bias_frac4 > 0.05``),
+        ``"U mean off the model by 7.3 SE (above)"`` (``|u_bias_z| > 4``), ``"n_eff 2.1 < 4"``.
+    """
+    flags = []
+    bad = [k for k in _CHECKED_FIELDS if k in entry and _number(entry[k]) is None]
+    if bad:
+        flags.append(f"non-finite: {', '.join(bad)}")
+    frac = _number(entry.get("v_bias_frac4"))
+    if frac is not None and frac > V_BIAS_FRAC_MAX:
+        flags.append(f"V biased: {frac:.0%} of channels |mean| > 4 SE")
+    z = _number(entry.get("u_bias_z"))
+    if z is not None and abs(z) > U_BIAS_Z_MAX:
+        flags.append(f"U mean off the model by {abs(z):.1f} SE ({'above' if z > 0 else 'below'})")
+    n_eff = _number(entry.get("n_eff"))
+    if n_eff is not None and n_eff < N_EFF_MIN:
+        flags.append(f"n_eff {n_eff:.1f} < {N_EFF_MIN:g}")
+    return flags
+
+
+def noise_flags(spec: NoiseSpec) -> list[str]:
+    """One line ``"layer NAME: flag; flag"`` per layer with flags, in network order.
+
+    Args:
+        spec: A noise specification; layers without a ``flags`` list are checked afresh.
+
+    Returns:
+        The lines (empty when no layer is flagged).
+    """
+    lines = []
+    for layer in spec.layers:
+        flags = layer.get("flags")
+        if flags is None:
+            flags = layer_flags(layer)
+        if flags:
+            lines.append(f"layer {layer['name']}: {'; '.join(str(f) for f in flags)}")
+    return lines
+
+
 def fit_noise(
     measurements: Measurements, batch_size: int = 32, summary: pd.DataFrame | None = None
 ) -> NoiseSpec:
@@ -25,6 +95,8 @@ def fit_noise(
 
     A measured batch size uses the measured variances. Another batch size is predicted from
     the nearest measured one (in log k) with variances scaling as 1/k and n_eff as k.
+    The bias checks (``BIAS_FIELDS``, when the summary has them) are those of the measured
+    batch size; ``flags`` lists what :func:`layer_flags` finds.
 
     Args:
         measurements: Output of ``measure``.
@@ -58,6 +130,8 @@ def fit_noise(
             "ks_stat_fit": float(row["ks_stat_fit"]), "ks_p_fit": float(row["ks_p_fit"]),
             "measured_batch_size": int(k0),
         }
+        entry.update({k: _number(row[k]) for k in BIAS_FIELDS if k in row.index})
+        entry["flags"] = layer_flags(entry)
         layers.append(entry)
     meta = measurements.meta
     source = {**meta.get("source", {}), **{k: meta.get("config", {}).get(k) for k in

@@ -28,6 +28,8 @@ class NoiseSpec:
             spatial_size, n, n_eff, sigma_v, sigma_u (layer values: square root of the
             channel-mean variance), sigma_v_channels, sigma_u_channels (per channel), and the
             KS results (ks_stat, ks_p of the nominal model; ks_stat_fit, ks_p_fit of the fit).
+            Optional: measured_batch_size, the bias checks v_bias_z, v_bias_frac4, u_bias_z,
+            mean_u, eu_model (null when not finite) and ``flags`` (a list of warnings).
         source: Provenance (checkpoint path and sha256, arch, dataset, mode, ...).
         created: ISO timestamp.
         bnprobe_version: Version that wrote it.
@@ -100,6 +102,9 @@ def validate_noise_document(doc: Any, where: str = "noise file") -> None:
             if key not in layer:
                 raise BnprobeError(f"{where}: layer {i} lacks field {key!r}")
         name = layer["name"]
+        flags = layer.get("flags", [])
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise BnprobeError(f"{where}: layer {name}: 'flags' must be a list of strings")
         for key in ("sigma_v", "sigma_u"):
             if not _finite_nonneg(layer[key]):
                 raise BnprobeError(f"{where}: layer {name}: {key} = {layer[key]!r} is not a finite, "

@@ -109,10 +109,10 @@ def measure_checkpoint(
 
 
 def layer_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """A compact per-layer, per-batch-size table for printing."""
+    """A compact per-layer, per-batch-size table for printing (full spatial fraction)."""
     full = summary[summary["fraction"] == 1.0]
-    cols = ["layer_index", "layer", "batch_size", "n", "n_eff", "sigma_v", "sigma_u", "ks_p",
-            "slope_v", "slope_u"]
+    cols = ["layer_index", "layer", "batch_size", "n", "n_eff", "n_eff_v", "n_eff_u", "sigma_v",
+            "sigma_u", "v_bias_z", "u_bias_z", "ks_p", "slope_v", "slope_u"]
     return full[cols].sort_values(["layer_index", "batch_size"]).reset_index(drop=True)
 
 

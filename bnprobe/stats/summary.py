@@ -1,8 +1,13 @@
-"""Per-layer summaries of tidy BN samples: variances, n_eff fits, KS tests, scaling slopes.
+"""Per-layer summaries of tidy BN samples: variances, n_eff fits, bias checks, KS tests, slopes.
 
 The input table has one row per (layer, batch_size, fraction, draw, channel) with the
 samples ``v`` and ``u``. It is sorted once and cut into contiguous (draws x channels)
 blocks, so the work is vectorized per group rather than per row.
+
+The ``n_eff`` fits are free of a per-channel bias of V and a per-channel scale error of U
+(see :mod:`bnprobe.stats.neff`); such errors of the reference statistics are reported
+separately by the bias columns ``mean_v``, ``v_bias_z``, ``v_bias_frac4``, ``mean_u``,
+``eu_model`` and ``u_bias_z``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from .distributions import u_moments
 from .goodness import ks_s2_ratio
 from .neff import fit_neff, fit_neff_u, fit_neff_v
 from .scaling import _channel_mean_var, scaling_slope
@@ -44,6 +50,12 @@ SUMMARY_COLUMNS = (
     "n_eff",
     "n_eff_v",
     "n_eff_u",
+    "mean_v",
+    "v_bias_z",
+    "v_bias_frac4",
+    "mean_u",
+    "eu_model",
+    "u_bias_z",
     "ks_stat",
     "ks_p",
     "ks_stat_fit",
@@ -149,16 +161,78 @@ def _blocks(samples: pd.DataFrame) -> Iterator[_Block]:
         )
 
 
+_NAN = float("nan")
+
+
+def _fit_or_nan(fit: Any, *args: Any, **kwargs: Any) -> float:
+    """``fit(*args, **kwargs)``, or NaN when it finds no channel with 2 usable draws."""
+    try:
+        return float(fit(*args, **kwargs))
+    except ValueError as exc:
+        if "2 or more" not in str(exc):
+            raise
+        return _NAN
+
+
+def _v_bias(v: np.ndarray) -> dict[str, float]:
+    """Per-channel bias of V: ``z_c = vbar_c / (sd_c / sqrt(d_c))`` summarized over channels.
+
+    Returns:
+        ``mean_v`` (mean of all finite v), ``v_bias_z`` (median over channels of ``|z_c|``,
+        about 0.67 without bias) and ``v_bias_frac4`` (fraction of channels with
+        ``|z_c| > 4``); the last two are NaN without a channel of 2 or more finite draws.
+    """
+    ok = np.isfinite(v)
+    count = ok.sum(axis=0)
+    mean_v = float(np.mean(v[ok])) if ok.any() else _NAN
+    use = count >= 2
+    if not use.any():
+        return {"mean_v": mean_v, "v_bias_z": _NAN, "v_bias_frac4": _NAN}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vbar = np.nanmean(v[:, use], axis=0)
+        sd = np.nanstd(v[:, use], axis=0, ddof=1)
+        z = np.abs(vbar / (sd / np.sqrt(count[use])))
+    z = z[~np.isnan(z)]  # 0/0: a constant zero channel
+    if z.size == 0:
+        return {"mean_v": mean_v, "v_bias_z": _NAN, "v_bias_frac4": _NAN}
+    return {"mean_v": mean_v, "v_bias_z": float(np.median(z)),
+            "v_bias_frac4": float(np.mean(z > 4.0))}
+
+
+def _u_bias(u: np.ndarray, n_eff_u: float) -> dict[str, float]:
+    """Mean of U against the model's ``E[U]`` at ``n_eff_u``, in standard errors.
+
+    The standard error is the standard deviation over draws of the per-draw channel mean of
+    u divided by ``sqrt(d)``: draws are independent, channels of one draw are not.
+
+    Returns:
+        ``mean_u``, ``eu_model`` (exact ``E[U]`` of ``sqrt(n)/chi_{n-1}`` at ``n = n_eff_u``;
+        NaN unless ``3 < n_eff_u < inf``) and ``u_bias_z = (mean_u - eu_model) / SE``.
+    """
+    ok = np.isfinite(u)
+    mean_u = float(np.mean(u[ok])) if ok.any() else _NAN
+    eu = float(u_moments(n_eff_u)[0]) if np.isfinite(n_eff_u) and n_eff_u > 3.0 else _NAN
+    rows = ok.any(axis=1)
+    z = _NAN
+    if rows.sum() >= 2 and np.isfinite(eu):
+        per_draw = np.nanmean(u[rows], axis=1)
+        se = float(np.std(per_draw, ddof=1)) / np.sqrt(per_draw.size)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = float(np.float64(mean_u - eu) / se)
+    return {"mean_u": mean_u, "eu_model": eu, "u_bias_z": z}
+
+
 def _group_row(b: _Block) -> dict[str, Any]:
     """The per-group statistics of one block (without slopes)."""
     n = b.n
-    v, u = b.v.ravel(), b.u.ravel()
     var_v, var_u = _channel_mean_var(b.v), _channel_mean_var(b.u)
     n_max = max(1e8, 100.0 * n)  # the search range must contain the nominal n
-    n_eff = fit_neff(v, u, n_max=n_max)
-    nan2 = (float("nan"), float("nan"))
-    ks = ks_s2_ratio(u, n) if n > 1 else nan2
-    ks_fit = ks_s2_ratio(u, n, n_eff) if n > 1 else nan2
+    n_eff = _fit_or_nan(fit_neff, b.v, b.u, n_max=n_max)
+    n_eff_u = _fit_or_nan(fit_neff_u, b.u, n_max=n_max)
+    u_flat = b.u.ravel()
+    nan2 = (_NAN, _NAN)
+    ks = ks_s2_ratio(u_flat, n) if n > 1 else nan2
+    ks_fit = ks_s2_ratio(u_flat, n, n_eff) if n > 1 and n_eff > 1 else nan2
     return {
         "layer": b.layer,
         "layer_index": b.layer_index,
@@ -171,8 +245,10 @@ def _group_row(b: _Block) -> dict[str, Any]:
         "sigma_v": float(np.sqrt(var_v)),
         "sigma_u": float(np.sqrt(var_u)),
         "n_eff": n_eff,
-        "n_eff_v": fit_neff_v(v),
-        "n_eff_u": fit_neff_u(u, n_max=n_max),
+        "n_eff_v": _fit_or_nan(fit_neff_v, b.v),
+        "n_eff_u": n_eff_u,
+        **_v_bias(b.v),
+        **_u_bias(b.u, n_eff_u),
         "ks_stat": ks[0],
         "ks_p": ks[1],
         "ks_stat_fit": ks_fit[0],
@@ -215,11 +291,17 @@ def summarize(samples: pd.DataFrame, rng: np.random.Generator, n_boot: int = 500
 
     Returns:
         One row per (layer, layer_index, batch_size, fraction), sorted by layer_index,
-        fraction, batch_size, with the columns in ``SUMMARY_COLUMNS``: nominal ``n``,
-        channel-mean variances ``var_v``/``var_u`` and their roots, ML ``n_eff`` (joint,
-        from v, from u), KS tests of ``n/u^2`` against the nominal and fitted models,
-        ``n_draws``, ``channels``, and per (layer, fraction) the slopes of log var against
-        log batch size (repeated on that layer's rows).
+        fraction, batch_size, with the columns in ``SUMMARY_COLUMNS``: nominal ``n``;
+        channel-mean variances ``var_v``/``var_u`` (per channel centred over draws) and
+        their roots ``sigma_v``/``sigma_u``; ``n_eff`` (joint), ``n_eff_v`` (centred V) and
+        ``n_eff_u`` (scale-free U), see :mod:`bnprobe.stats.neff`; the bias checks
+        ``mean_v``, ``v_bias_z`` (median over channels of ``|vbar_c| / SE_c``, ~0.67
+        unbiased), ``v_bias_frac4`` (fraction of channels with ``|vbar_c| > 4 SE_c``),
+        ``mean_u``, ``eu_model`` (``E[U]`` of the model at ``n_eff_u``) and ``u_bias_z``
+        (``mean_u - eu_model`` in standard errors over draws); KS tests of ``n/u^2``
+        against the nominal and fitted (joint ``n_eff``) models; ``n_draws``, ``channels``;
+        and per (layer, fraction) the slopes of log var against log batch size (repeated on
+        that layer's rows). Fits that lack 2 draws per channel are NaN.
 
     Raises:
         ValueError: If columns are missing or a group is not a complete grid.

@@ -25,6 +25,12 @@ EXPECTED_COLUMNS = {
     "n_eff",
     "n_eff_v",
     "n_eff_u",
+    "mean_v",
+    "v_bias_z",
+    "v_bias_frac4",
+    "mean_u",
+    "eu_model",
+    "u_bias_z",
     "ks_stat",
     "ks_p",
     "ks_stat_fit",
@@ -108,6 +114,12 @@ def test_model_statistics(summary: pd.DataFrame) -> None:
         assert row["n_eff_v"] == pytest.approx(n, rel=0.15)
         assert row["n_eff_u"] == pytest.approx(n, rel=0.15)
     assert (summary["ks_p"] > 0.001).mean() >= 0.8
+    # No bias under the model: |z_c| ~ half-normal, whose median 0.674 the median of C
+    # channels estimates with sd 1 / (2 f(0.674) sqrt(C)), f(0.674) = 0.636.
+    half_width = 4 / (2 * 0.636 * np.sqrt(CHANNELS))
+    assert (summary["v_bias_z"] - 0.674).abs().max() < half_width
+    assert (summary["v_bias_frac4"] == 0).all()
+    assert (summary["u_bias_z"].abs() < 4).all()
     assert (summary["ks_p_fit"] > 0.001).mean() >= 0.8
 
 
@@ -132,7 +144,16 @@ def test_matches_direct_computation(table: pd.DataFrame, summary: pd.DataFrame) 
     ].iloc[0]
     assert row["var_v"] == pytest.approx(np.mean(np.var(v, axis=0, ddof=1)), rel=1e-12)
     assert row["var_u"] == pytest.approx(np.mean(np.var(u, axis=0, ddof=1)), rel=1e-12)
-    assert row["n_eff_v"] == pytest.approx(1.0 / np.mean(v**2), rel=1e-12)
+    # n_eff_v comes from V centred per channel (pooled unbiased variance), not 1/mean(v^2).
+    assert row["n_eff_v"] == pytest.approx(1.0 / row["var_v"], rel=1e-12)
+    assert row["mean_v"] == pytest.approx(v.mean(), rel=1e-12)
+    assert row["mean_u"] == pytest.approx(u.mean(), rel=1e-12)
+    z = v.mean(axis=0) / (v.std(axis=0, ddof=1) / np.sqrt(DRAWS))
+    assert row["v_bias_z"] == pytest.approx(np.median(np.abs(z)), rel=1e-12)
+    assert row["v_bias_frac4"] == np.mean(np.abs(z) > 4)
+    assert row["eu_model"] == pytest.approx(u_moments(row["n_eff_u"])[0], rel=1e-12)
+    se = u.mean(axis=1).std(ddof=1) / np.sqrt(DRAWS)
+    assert row["u_bias_z"] == pytest.approx((u.mean() - row["eu_model"]) / se, rel=1e-9)
 
 
 def test_reproducible(table: pd.DataFrame, summary: pd.DataFrame) -> None:
