@@ -15,7 +15,7 @@ from ..errors import BnprobeError
 from ..io import atomic_write
 from ..options import resolve_device
 from .core import _check_sizes, measure
-from .fit import fit_noise
+from .fit import fit_noise, noise_flags
 from .measurements import Measurements
 from .recalibrate import recalibrate
 
@@ -100,9 +100,10 @@ def measure_checkpoint(
     summary = m.summary(seed=seed)
     summary.insert(2, "mode", m.meta["config"]["mode"])
     summary.insert(3, "reference", m.meta["config"]["reference"])
+    spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
+    m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out)]
     m.save(out)
     atomic_write(out / SUMMARY_CSV, lambda p: summary.to_csv(p, index=False))
-    spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
     spec_out.save(out / FITTED_JSON)
     shutil.rmtree(partial_dir, ignore_errors=True)
     return m, summary

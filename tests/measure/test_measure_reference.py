@@ -169,14 +169,28 @@ def test_isolated_mode_is_unbiased_on_a_stale_net(stale_net):
     model, splits = stale_net
     m = measure(model, splits.train, [8, 32, 128], samples=200, mode="isolated", augment=False)
     assert m.meta["warnings"], "the stale running buffers should be reported"
-    for name, _ in find_bn_layers(model)[:-1]:
+    layers = [name for name, _ in find_bn_layers(model)]
+    # The last BN normalizes the class scores (the final 1x1 conv's output): its input is far
+    # from Gaussian (n_eff from V 8.7, from U's spread 4.8 at
+    # k = 8), so mean U sits below the chi model (1.34 vs 1.43) although V is unbiased there.
+    # The U check applies to the hidden layers; V and n_eff scaling to every layer.
+    hidden = layers[:-1]
+    for name in layers:
         neff = {}
         for k in (8, 32, 128):
             frac, u_z, neff[k] = _check_unbiased(m.samples, name, k)
             if k in (8, 32):
                 assert frac >= 0.95, (name, k, frac)
-                assert abs(u_z) < 4, (name, k, u_z)
+                assert name not in hidden or abs(u_z) < 4, (name, k, u_z)
         assert neff[128] >= 2 * neff[32], (name, neff)
+    # The library's own diagnostics say the same.
+    summary = m.summary(n_boot=0).query("fraction == 1.0").set_index(["layer", "batch_size"])
+    for name in layers:
+        for k in (8, 32):
+            row = summary.loc[(name, k)]
+            assert row["v_bias_frac4"] <= 0.05, (name, k)
+            assert name not in hidden or abs(row["u_bias_z"]) < 4, (name, k)
+        assert summary.loc[(name, 128), "n_eff"] >= 2 * summary.loc[(name, 32), "n_eff"]
 
 
 def test_joint_mode_is_unbiased_at_the_first_layer(stale_net):
