@@ -68,6 +68,12 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
                               "default: on for normalized nets."),
             click.option("--data-init/--no-data-init", default=True, show_default=True,
                          help="Data-dependent init of none and wn nets (one BN pass)."),
+            click.option("--precise-bn/--no-precise-bn", default=True, show_default=True,
+                         help="BN nets: before each validation (and in the saved checkpoint) set the BN "
+                              "buffers to the sequential population statistics (bnprobe recalibrate)."),
+            click.option("--precise-bn-size", type=click.IntRange(min=1), default=10000, show_default=True,
+                         help="Training images (a seeded subset) for --precise-bn; about one extra "
+                              "forward pass over them per epoch."),
             _noise_options,
             click.option("--epochs", type=int, default=10, show_default=True),
             click.option("--lr", default="0.05", show_default=True,

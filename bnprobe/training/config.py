@@ -31,6 +31,10 @@ class TrainConfig:
         project: Project scale-invariant weights to unit norm after every step (and exempt
             them from weight decay); None: on for normalized nets (resolved by ``validate``).
         data_init: Data-dependent init of the affine of none and wn nets (one BN pass).
+        precise_bn: For nets with BN: before each validation, and in the saved checkpoint, the
+            BN buffers hold the sequential population statistics (see
+            :func:`bnprobe.measure.recalibrate`), not the running averages.
+        precise_bn_size: Training images (a seeded subset) for ``precise_bn``; None: all.
         noise: fitted.json whose noise is injected after every normalization (or whose
             sigma_u initializes learned noise).
         noise_granularity: ``layer`` or ``channel`` sigmas from the noise file.
@@ -70,6 +74,8 @@ class TrainConfig:
     norm_batch: int | None = None
     project: bool | None = None
     data_init: bool = True
+    precise_bn: bool = True
+    precise_bn_size: int | None = 10000
     noise: str | None = None
     noise_granularity: str = NoiseGranularity.LAYER.value
     noise_scale: float = 1.0

@@ -16,6 +16,8 @@ from ..checkpoint import open_checkpoint, save_checkpoint
 from ..data import DataSpec, ImageData, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write_json
+from ..measure import recalibrate
+from ..measure._layers import BN_TYPES
 from ..models import build_model
 from ..norms.inject import kl_total, noise_modules, relative_sigmas, set_noise_generator
 from ..options import resolve_device
@@ -30,6 +32,7 @@ __all__ = ["TrainResult", "train", "train_epoch"]
 
 EVAL_SUBSET_SEED = 0
 MC_SEED_OFFSET = 6
+PRECISE_SEED_OFFSET = 7
 
 
 @dataclass
@@ -71,6 +74,16 @@ def _epoch_noise_metrics(model: nn.Module, train_size: int, kl_weight: float) ->
     row = {"kl": kl * kl_weight / train_size, "sigma_rel_mean": sum(ratios) / len(ratios)}
     row.update({f"sigma_rel_{i + 1}": r for i, r in enumerate(ratios)})
     return row
+
+
+def _precise_bn(model: nn.Module, config: TrainConfig, splits: Any, device: torch.device) -> dict | None:
+    """With ``config.precise_bn``, set the BN buffers to the population statistics (None: no BN)."""
+    if not config.precise_bn or not any(
+            isinstance(m, BN_TYPES) and m.running_mean is not None for m in model.modules()):
+        return None
+    gen = torch.Generator().manual_seed(config.seed + PRECISE_SEED_OFFSET)
+    return recalibrate(model, splits.train, size=config.precise_bn_size, augment=config.augment,
+                       generator=gen, device=device)
 
 
 def train(
@@ -176,11 +189,14 @@ def train(
                 f"(epoch {epoch}) is kept in {run_dir}. Try a smaller --lr"
             )
         seconds = time.perf_counter() - t0
+        precise = _precise_bn(model, config, splits, device)
         eval_loss, eval_acc = loss_and_accuracy(model, splits.train, eval_idx)
         val_loss, val_acc = loss_and_accuracy(model, splits.val)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / seen,
                "train_eval_loss": eval_loss, "train_eval_acc": eval_acc, "val_loss": val_loss,
                "val_acc": val_acc, "val_loss_mean": val_loss, "seconds": seconds}
+        if precise is not None:
+            row["precise_bn_images"] = precise["images"]
         last = epoch + 1 == config.epochs
         if has_noise and config.mc_every > 0 and ((epoch + 1) % config.mc_every == 0 or last):
             mc_gen = torch.Generator(device=device).manual_seed(config.seed + MC_SEED_OFFSET)
@@ -196,6 +212,8 @@ def train(
         }
         if search is not None:
             payload["lr_search"] = search
+        if precise is not None:
+            payload["precise_bn"] = precise
         save_checkpoint(ckpt_path, payload)
         write_metrics_csv(run_dir / METRICS, history)
         mc = f"  mc {row['val_loss_mc']:.4f}" if "val_loss_mc" in row else ""
