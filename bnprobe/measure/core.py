@@ -266,5 +266,6 @@ def _layer_tables(layers, res: ReferenceResult, reference: Reference, spatial: d
                "ref_mean": float(mean.mean()), "ref_var": float(var.mean())}
         row.update(_running_deviation(name, m, res.population[name]))
         rows.append(row)
-        refs.append(pd.DataFrame({"layer": name, "channel": np.arange(len(mean)), "mean": mean, "var": var}))
+        refs.append(pd.DataFrame({"layer": name, "channel": np.arange(len(mean)), "mean": mean, "var": var,
+                                  "reference": reference.value}))
     return pd.DataFrame(rows), pd.concat(refs, ignore_index=True)
