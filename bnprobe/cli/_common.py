@@ -71,6 +71,20 @@ def unsafe_load_option(f: Callable) -> Callable:
                         help="Allow checkpoints holding pickled Python objects (trusted files only).")(f)
 
 
+def checkpoint_data_options(f: Callable) -> Callable:
+    """Options to load a checkpoint and its data (dataset, data root, arch, device, ...)."""
+    for option in reversed([
+        click.option("--dataset", default=None, help="Override the checkpoint's dataset."),
+        click.option("--data-root", default=None, help="Override the dataset folder."),
+        click.option("--arch", default=None,
+                     help="Architecture of a plain state_dict, e.g. torchvision:resnet18."),
+        click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict."),
+        unsafe_load_option, seed_option, device_option,
+    ]):
+        f = option(f)
+    return f
+
+
 def echo(message: str = "") -> None:
     """Print a line to stdout."""
     click.echo(message)

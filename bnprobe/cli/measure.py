@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import CommaList, device_option, echo, quiet_option, seed_option, unsafe_load_option
+from ._common import CommaList, checkpoint_data_options, echo, quiet_option
 
 
 @click.command("measure")
@@ -35,13 +35,7 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
               show_default=True,
               help="Random positions drawn per image (i.i.d., the n = k z model) or shared by the batch.")
 @click.option("--layers", default=None, help="Glob(s) of BN layer names, comma-separated (default all).")
-@click.option("--dataset", default=None, help="Override the checkpoint's dataset.")
-@click.option("--data-root", default=None, help="Override the dataset folder.")
-@click.option("--arch", default=None, help="Architecture of a plain state_dict, e.g. torchvision:resnet18.")
-@click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict.")
-@unsafe_load_option
-@seed_option
-@device_option
+@checkpoint_data_options
 @click.option("--out", default="measurements", show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace measurements already in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import device_option, echo, quiet_option, seed_option, unsafe_load_option
+from ._common import checkpoint_data_options, echo, quiet_option
 
 
 @click.command("recalibrate")
@@ -14,13 +14,7 @@ from ._common import device_option, echo, quiet_option, seed_option, unsafe_load
                    "RUN_DIR/checkpoint-precise.pt for a run].")
 @click.option("--reference-size", type=click.IntRange(min=1), default=None,
               help="Training images to use (a seeded subset) [default: all].")
-@click.option("--dataset", default=None, help="Override the checkpoint's dataset.")
-@click.option("--data-root", default=None, help="Override the dataset folder.")
-@click.option("--arch", default=None, help="Architecture of a plain state_dict, e.g. torchvision:resnet18.")
-@click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict.")
-@unsafe_load_option
-@seed_option
-@device_option
+@checkpoint_data_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @quiet_option
 def command(quiet: bool, **options) -> None:

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from naive import naive_population
+from naive import bn_inputs, naive_population
 from torch import nn
 
 from bnprobe.measure import find_bn_layers, measure
@@ -23,19 +23,6 @@ def _model_and_data(seed=0):
                 m.bias.uniform_(-0.2, 0.2)
     g = torch.Generator().manual_seed(seed)
     return model, torch.randn(60, 3, 8, 8, generator=g) * 1.3 + 0.2
-
-
-def _inputs_of_bn(model, x):
-    """Every BN layer's input for one forward pass, in float64."""
-    seen = {}
-    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.__setitem__(n, inp[0].detach()))
-               for n, m in find_bn_layers(model)]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def _loop_stats(a):
@@ -76,7 +63,7 @@ def test_recorder_matches_float64_reference_loop(mode):
         draws = _replay_draws(len(data), [4, 16], 3, seed=7)
         for k, batches in draws.items():
             for d, idx in enumerate(batches):
-                inputs = _inputs_of_bn(ref_model, data[idx].double())
+                inputs = bn_inputs(ref_model, data[idx].double())
                 for li, (name, module) in enumerate(find_bn_layers(ref_model)):
                     mu, var = pop[name]
                     mean, s2 = _loop_stats(inputs[name])
