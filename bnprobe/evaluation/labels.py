@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def method_label(config: dict[str, Any], mc_mode: str | None = None) -> str:
+def method_label(config: dict[str, Any], mc_mode: str | None = None, bn_buffers: str | None = None) -> str:
     """A short method name from a run's config: norm, injected or learned noise.
 
     With learned noise a noise file only initializes sigma_S, so the run is labelled by its
-    learned noise alone. ``mc_mode`` adds how a BN network is sampled (MCBN or parametric).
+    learned noise alone. ``mc_mode`` adds how a BN network is sampled (MCBN or parametric);
+    ``bn_buffers`` (as ``evaluate`` records it) marks BN nets normalized by population buffers.
     """
     label = str(config.get("norm", "?")).upper()
+    if bn_buffers and bn_buffers.startswith("population"):
+        label += ", population buffers"
     learn = config.get("learn_noise")
     if learn and learn != "off":
         label += f" + learned noise ({learn})"
@@ -33,5 +36,6 @@ def evaluation_label(doc: dict[str, Any], with_mc: bool = True) -> str:
     """
     config = doc.get("source", {}).get("config")
     if isinstance(config, dict) and "norm" in config:
-        return method_label(config, doc.get("metrics", {}).get("mc_mode") if with_mc else None)
+        return method_label(config, doc.get("metrics", {}).get("mc_mode") if with_mc else None,
+                            doc.get("source", {}).get("bn_buffers"))
     return str(doc.get("label", "?"))

@@ -243,7 +243,7 @@ def evaluate_checkpoint(
             "seed": seed,
             "n": len(images),
         },
-        "label": method_label(ckpt.config, metrics.get("mc_mode")),
+        "label": method_label(ckpt.config, metrics.get("mc_mode"), buffers),
         "metrics": metrics,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -23,3 +23,13 @@ def test_evaluation_label_rebuilds_from_the_recorded_config():
     assert evaluation_label(doc) == "BN (MC: MCBN)"
     assert evaluation_label(doc, with_mc=False) == "BN"
     assert evaluation_label({"label": "foreign"}) == "foreign"
+
+
+def test_population_buffers_are_labelled():
+    from bnprobe.evaluation.labels import evaluation_label
+
+    doc = {"source": {"config": {"norm": "bn"}, "bn_buffers": "population statistics (precise BN)"},
+           "metrics": {"mc_mode": "mcbn"}}
+    assert evaluation_label(doc) == "BN, population buffers (MC: MCBN)"
+    doc["source"]["bn_buffers"] = "running averages from training"
+    assert evaluation_label(doc) == "BN (MC: MCBN)"
