@@ -34,13 +34,23 @@ class CommaList(click.ParamType):
         try:
             items = [self.kind(p) for p in parts]
         except ValueError:
-            self.fail(f"{value!r}: every element must be a {self.kind.__name__}", param, ctx)
+            what = {int: "an integer", float: "a number"}.get(self.kind, f"a {self.kind.__name__}")
+            bad = next(p for p in parts if not _parses(self.kind, p))
+            self.fail(f"{value!r}: {bad!r} is not {what} (every element must be {what})", param, ctx)
         if self.minimum is not None:
             bad = [x for x in items if x < self.minimum]
             if bad:
                 self.fail(f"{value!r}: elements must be at least {self.minimum} (got {bad[0]})",
                           param, ctx)
         return items
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def seed_option(f: Callable) -> Callable:

@@ -59,3 +59,13 @@ def test_train_command_and_existing_run(tmp_path):
     code, out = _run(*args[:-3], "--epochs", "2", "--resume", "--out", str(tmp_path / "run"))
     assert code == 0, out
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_malformed_list_names_the_bad_element():
+    from click.testing import CliRunner
+
+    from bnprobe.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["measure", "x.pt", "--batch-sizes", "8,abc"])
+    assert result.exit_code == 2
+    assert "'abc' is not an integer" in result.output and "must be a int" not in result.output
