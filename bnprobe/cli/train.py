@@ -76,8 +76,10 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
                          help="Epochs of each --lr auto trial run (fractions allowed)."),
             click.option("--lr-search-trials", type=int, default=8, show_default=True,
                          help="Trial runs of --lr auto."),
-            click.option("--lr-decay-epochs", type=float, default=600.0, show_default=True,
-                         help="Epochs over which the learning rate falls tenfold."),
+            click.option("--lr-decay-epochs", type=float, default=None,
+                         help="The learning rate falls tenfold every E epochs (lr * 0.1^(epoch/E)). "
+                              "Default: --epochs minus 1, so the last epoch runs at lr/10; "
+                              "--resume keeps the run's recorded value."),
             click.option("--batch-size", type=int, default=32, show_default=True),
             click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov) or adam."),
             click.option("--weight-decay", type=float, default=0.0, show_default=True),

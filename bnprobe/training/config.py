@@ -44,7 +44,8 @@ class TrainConfig:
         lr_search_epochs: Epochs (may be fractional) of each trial run of ``--lr auto``.
         lr_search_trials: Trial runs of ``--lr auto``.
         lr_decay_epochs: E such that the learning rate falls tenfold every E epochs
-            (lr * gamma^epoch with gamma^E = 0.1).
+            (lr * gamma^epoch with gamma^E = 0.1); None: ``epochs - 1`` (at least 1), so the
+            last epoch runs at a tenth of ``lr``. Training records the value it used.
         batch_size: Training batch size.
         momentum: Nesterov momentum.
         weight_decay: L2 weight decay.
@@ -81,7 +82,7 @@ class TrainConfig:
     lr_auto: bool = False
     lr_search_epochs: float = 5.0
     lr_search_trials: int = 8
-    lr_decay_epochs: float = 600.0
+    lr_decay_epochs: float | None = None
     batch_size: int = 32
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -120,7 +121,8 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= min_batch,
              f"--batch-size must be at least {min_batch} for --norm {self.norm}, got {self.batch_size}"),
-            (self.lr_decay_epochs > 0, f"--lr-decay-epochs must be positive, got {self.lr_decay_epochs}"),
+            (self.lr_decay_epochs is None or (_finite(self.lr_decay_epochs) and self.lr_decay_epochs > 0),
+             f"--lr-decay-epochs must be positive, got {self.lr_decay_epochs}"),
             (self.width > 0, f"--width must be positive, got {self.width}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.translate >= 0, f"--translate must be >= 0, got {self.translate}"),
@@ -171,6 +173,13 @@ class TrainConfig:
                 raise BnprobeError(f"--norm-batch ({self.norm_batch}) must be at least --batch-size "
                                    f"({self.batch_size})")
 
+    @property
+    def decay_epochs(self) -> float:
+        """Epochs over which the learning rate falls tenfold (``lr_decay_epochs`` or its default)."""
+        if self.lr_decay_epochs is not None:
+            return float(self.lr_decay_epochs)
+        return float(max(1, self.epochs - 1))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dictionary of every option."""
         return asdict(self)
@@ -191,8 +200,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def lr_factor(config: TrainConfig, epoch: float) -> float:
+    """Factor of the schedule at an epoch: gamma^epoch with gamma^decay_epochs = 0.1."""
+    return 0.1 ** (epoch / config.decay_epochs)
+
+
 def lr_at(config: TrainConfig, epoch: float) -> float:
-    """Learning rate of an epoch: lr * gamma^epoch with gamma^lr_decay_epochs = 0.1."""
+    """Learning rate of an epoch: lr * gamma^epoch with gamma^decay_epochs = 0.1."""
     if config.lr_is_auto:
         raise ValueError("the learning rate is 'auto': search it before training")
-    return float(config.lr) * 0.1 ** (epoch / config.lr_decay_epochs)
+    return float(config.lr) * lr_factor(config, epoch)

@@ -30,6 +30,8 @@ __all__ = ["TrainResult", "train", "train_epoch"]
 
 EVAL_SUBSET_SEED = 0
 MC_SEED_OFFSET = 6
+#: Options resolved when a run starts; a resumed run keeps its recorded value unless given.
+INHERITED_ON_RESUME = ("lr_decay_epochs",)
 
 
 @dataclass
@@ -57,6 +59,9 @@ def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
         old.project = old.norm != "none"
     if config.lr_is_auto and old.lr_auto:
         config.lr, config.lr_auto = old.lr, True
+    for name in INHERITED_ON_RESUME:  # not given: the run's own (recorded) value
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(old, name))
     diff = old.differences(config)
     if diff:
         raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
@@ -71,6 +76,15 @@ def _epoch_noise_metrics(model: nn.Module, train_size: int, kl_weight: float) ->
     row = {"kl": kl * kl_weight / train_size, "sigma_rel_mean": sum(ratios) / len(ratios)}
     row.update({f"sigma_rel_{i + 1}": r for i, r in enumerate(ratios)})
     return row
+
+
+def _diverged_message(loss: float, epoch: int, lr: float, run_dir: Path) -> str:
+    """What a divergent epoch leaves behind: the checkpoint of the previous epoch, or none."""
+    if epoch > 0:
+        kept = f"{run_dir / CHECKPOINT} (after epoch {epoch}) is kept"
+    else:
+        kept = f"no checkpoint was written ({run_dir} holds only {CONFIG})"
+    return f"training loss became {loss} in epoch {epoch + 1} at lr {lr:.4g}; {kept}. Try a smaller --lr"
 
 
 def train(
@@ -133,6 +147,7 @@ def train(
     start_epoch = 0
     search: dict[str, Any] | None = None
     if previous is None:
+        config.lr_decay_epochs = config.decay_epochs  # recorded: --resume keeps the schedule
         initialize_model(model, config, splits)
         if config.lr_is_auto:
             lr, trials = search_learning_rate(model, config, splits, eval_idx, log)
@@ -171,10 +186,7 @@ def train(
                                               regularizer)
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
-            raise BnprobeError(
-                f"training loss became {train_loss} in epoch {epoch + 1}; the last good checkpoint "
-                f"(epoch {epoch}) is kept in {run_dir}. Try a smaller --lr"
-            )
+            raise BnprobeError(_diverged_message(train_loss, epoch, lr, run_dir))
         seconds = time.perf_counter() - t0
         eval_loss, eval_acc = loss_and_accuracy(model, splits.train, eval_idx)
         val_loss, val_acc = loss_and_accuracy(model, splits.val)
