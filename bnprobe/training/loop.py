@@ -57,8 +57,8 @@ def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
     old = TrainConfig.from_dict(previous.config)
     if old.project is None:
         old.project = old.norm != "none"
-    if config.lr_is_auto and old.lr_auto:
-        config.lr, config.lr_auto = old.lr, True
+    if (config.lr_is_auto and old.lr_auto) or config.lr is None:
+        config.lr, config.lr_auto = old.lr, old.lr_auto
     for name in INHERITED_ON_RESUME:  # not given: the run's own (recorded) value
         if getattr(config, name) is None:
             setattr(config, name, getattr(old, name))
@@ -148,11 +148,14 @@ def train(
     search: dict[str, Any] | None = None
     if previous is None:
         config.lr_decay_epochs = config.decay_epochs  # recorded: --resume keeps the schedule
+        if config.lr is None:
+            config.lr = config.default_lr
         initialize_model(model, config, splits)
         if config.lr_is_auto:
             lr, trials = search_learning_rate(model, config, splits, eval_idx, log)
             config.lr, config.lr_auto = lr, True
-            search = {"chosen_lr": lr, "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
+            search = {"chosen_lr": lr, "steps": config.lr_search_steps,
+                      "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
             log(f"lr search chose lr {lr:.4g}")
     optimizer = make_optimizer(model, config, float(config.lr))
     if previous is not None:
