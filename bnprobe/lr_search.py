@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ["search_lr"]
+__all__ = ["choose", "search_lr"]
 
 _INV_PHI2 = (3.0 - math.sqrt(5.0)) / 2.0  # 0.381966..., the golden-section fraction
 
@@ -18,6 +18,38 @@ def _clean(value: float) -> float:
 def _best_index(points: list[tuple[float, float]]) -> int:
     # Points are sorted by x; ties go to the smaller learning rate.
     return min(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
+
+
+def _eligible(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Finite points (sorted by x) whose next larger evaluated point did not diverge."""
+    return [p for i, p in enumerate(points)
+            if math.isfinite(p[1]) and not (i + 1 < len(points) and math.isinf(points[i + 1][1]))]
+
+
+def choose(history: list[tuple[float, float]], lo: float) -> float:
+    """The chosen log10 learning rate of a search history, backing off from divergence.
+
+    The best (lowest, ties to the smaller rate) point whose next larger evaluated neighbour
+    did not diverge. When every finite point sits right below a divergent one, the rate one
+    step (the gap to that neighbour) below the smallest finite point, but not below ``lo``;
+    when everything diverged, ``lo``.
+
+    Args:
+        history: ``(log10_lr, value)`` pairs (NaN already recorded as ``inf``).
+        lo: Smallest log10 learning rate of the search.
+
+    Returns:
+        The log10 learning rate.
+    """
+    points = sorted(history)
+    safe = _eligible(points)
+    if safe:
+        return min(safe, key=lambda p: (p[1], p[0]))[0]
+    finite = [i for i, p in enumerate(points) if math.isfinite(p[1])]
+    if not finite:
+        return lo
+    i = finite[0]
+    return max(lo, points[i][0] - (points[i + 1][0] - points[i][0]))
 
 
 def search_lr(
@@ -37,8 +69,10 @@ def search_lr(
        ``hi``), until the bracket is narrower than ``tol`` or ``evaluations`` calls are spent.
 
     NaN results (divergent learning rates) count as ``+inf``; ties go to the smaller learning
-    rate, which is the safe side when large rates diverge. The search is deterministic and
-    assumes a roughly unimodal objective.
+    rate, which is the safe side when large rates diverge. The result is chosen by
+    :func:`choose`: never a rate whose next larger evaluated neighbour diverged (a rate just
+    below the edge of divergence tends to diverge in a longer run). The search is
+    deterministic and assumes a roughly unimodal objective.
 
     Args:
         objective: Maps a log10 learning rate to a loss (lower is better).
@@ -48,8 +82,8 @@ def search_lr(
         tol: Stop when the bracket around the best point is at most this wide (log10 units).
 
     Returns:
-        ``(best_log10_lr, history)``: the best evaluated point and the ``(log10_lr, value)``
-        pairs in evaluation order (NaN recorded as ``inf``).
+        ``(chosen_log10_lr, history)``: the chosen point (see :func:`choose`) and the
+        ``(log10_lr, value)`` pairs in evaluation order (NaN recorded as ``inf``).
 
     Raises:
         ValueError: For ``lo >= hi``, ``evaluations < 3`` or ``tol <= 0``.
@@ -86,5 +120,4 @@ def search_lr(
         if any(abs(x_new - x) < 1e-12 for x, _ in history):
             break
         evaluate(x_new)
-    best = min(history, key=lambda p: (p[1], p[0]))
-    return best[0], history
+    return choose(history, lo), history

@@ -121,6 +121,33 @@ class Optimizer(Choice):
     ADAM = "adam"
 
 
+#: Default initial learning rate per optimizer and normalization. With SGD (Nesterov momentum
+#: 0.9, batch 32) wn and an diverge at rates that bn takes: their normalization does not undo
+#: a step's change of a layer's gain and mean as BN's batch statistics do, so the change
+#: compounds over the layers (see the README's "Learning rates"). Their default sits a factor
+#: 2-4 below the smallest rate that diverged in 300-step runs on digits and CIFAR-10.
+DEFAULT_LR = {
+    Optimizer.SGD: {Norm.BN: 0.05, Norm.WN: 0.005, Norm.AN: 0.005, Norm.NONE: 0.01},
+    Optimizer.ADAM: {Norm.BN: 0.001, Norm.WN: 0.001, Norm.AN: 0.001, Norm.NONE: 0.001},
+}
+
+
+def default_lr_help() -> str:
+    """The default learning rates in words, for ``--help``."""
+    sgd = DEFAULT_LR[Optimizer.SGD]
+    by_rate: dict[float, list[str]] = {}
+    for norm, rate in sgd.items():
+        by_rate.setdefault(rate, []).append(norm.value)
+    parts = ", ".join(f"{rate:g} for {'/'.join(names)}" for rate, names in by_rate.items())
+    adam = sorted(set(DEFAULT_LR[Optimizer.ADAM].values()))
+    return f"sgd: {parts}; adam: {'/'.join(f'{r:g}' for r in adam)}"
+
+
+#: Default length (optimizer steps) and number of the trial runs of ``--lr auto``.
+LR_SEARCH_STEPS = 100
+LR_SEARCH_TRIALS = 6
+
+
 def resolve_device(device: str | Device | None = None):
     """Resolve ``auto``/``cpu``/``cuda`` (or a torch device string like ``cuda:1``) to a torch.device.
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bnprobe.lr_search import search_lr
+from bnprobe.lr_search import choose, search_lr
 
 
 class _Counter:
@@ -54,8 +54,32 @@ def test_nan_and_inf_regions_count_as_infinite():
     def g(x):  # minimum right next to the divergent region
         return math.inf if x > -0.5 else (x + 0.8) ** 2
 
-    best, _ = search_lr(g, evaluations=16, tol=0.05)
+    best, history = search_lr(g, evaluations=16, tol=0.05)
     assert abs(best + 0.8) <= 0.05
+    _assert_next_larger_did_not_diverge(best, history)
+
+
+def _assert_next_larger_did_not_diverge(best, history):
+    larger = [v for x, v in sorted(history) if x > best]
+    assert not larger or math.isfinite(larger[0])
+
+
+def test_never_picks_a_rate_whose_next_larger_neighbour_diverged():
+    def f(x):  # best loss at the edge of divergence (like AN: 0.01 good, 0.0196 inf)
+        return math.inf if x > -1.75 else -x
+
+    best, history = search_lr(f, evaluations=6)
+    assert min(history, key=lambda p: p[1])[0] != best  # the raw best was next to inf
+    assert math.isfinite(f(best)) and best <= -1.75
+    _assert_next_larger_did_not_diverge(best, history)
+
+
+def test_choose_backs_off_one_step_when_every_rate_is_next_to_divergence():
+    assert choose([(-4.0, 1.0), (-3.0, 0.5), (-2.0, math.inf)], -4.0) == -4.0
+    assert choose([(-3.0, 0.5), (-2.5, math.inf), (-2.0, math.inf)], -4.0) == pytest.approx(-3.5)
+    assert choose([(-4.0, 0.5), (-3.0, math.inf)], -4.0) == -4.0  # not below lo
+    assert choose([(-4.0, math.inf), (-3.0, math.inf)], -4.0) == -4.0
+    assert choose([(-2.0, 1.0), (-1.0, 0.9)], -4.0) == -1.0  # the largest rate has no neighbour
 
 
 def test_deterministic_and_validates_arguments():

@@ -76,17 +76,37 @@ def spatial_scaling(measurements: str, out: str, pdf: bool) -> None:
 
 
 @command.command("noise")
-@click.argument("fitted", default="measurements/fitted.json", type=click.Path())
+@click.argument("sources", nargs=-1, type=click.Path())
+@click.option("--label", "labels", multiple=True,
+              help="Legend label per run, repeatable, in RUN_DIR order (default: folder name and norm).")
 @_figure_options("figures/noise.png")
-def noise(fitted: str, out: str, pdf: bool) -> None:
-    """sigma_V and sigma_U per layer with their spread over channels.
+def noise(sources: tuple[str, ...], labels: tuple[str, ...], out: str, pdf: bool) -> None:
+    """Fitted BN noise per layer, or learned noise over the epochs of training runs.
 
-    FITTED is a noise file (bnprobe fit) or a measurement folder: its fitted.json, or when it
-    has none, noise fitted from its samples at batch size 32 (or the middle measured size).
+    With one SOURCE that is a noise file (bnprobe fit) or a measurement folder (default
+    measurements/fitted.json): sigma_V and sigma_U per layer with their spread over channels,
+    from its fitted.json or, when it has none, fitted from its samples at batch size 32 (or
+    the middle measured size).
+
+    With one or more run folders (folders with a metrics.csv, trained with --learn-noise):
+    the learned sigma_S/s of every layer over the epochs, and its profile over the layers
+    after the last epoch; several runs (e.g. two starts of the same noise) are overlaid.
     """
-    from ..plots import plot_noise
+    from ..errors import BnprobeError
+    from ..plots import plot_noise, plot_noise_trajectory
+    from ..plots.noise import is_run_dir
 
-    plot_noise(fitted, out=out, pdf=pdf)
+    sources = sources or ("measurements/fitted.json",)
+    runs = [is_run_dir(s) for s in sources]
+    if all(runs):
+        plot_noise_trajectory(list(sources), labels=list(labels) or None, out=out, pdf=pdf)
+    elif any(runs) or len(sources) > 1:
+        raise BnprobeError("give one noise file or measurement folder, or one or more run folders "
+                           "(with a metrics.csv), not a mix")
+    else:
+        if labels:
+            raise BnprobeError("--label names runs: give run folders")
+        plot_noise(sources[0], out=out, pdf=pdf)
     _report(out, pdf)
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from ..options import LR_SEARCH_STEPS, LR_SEARCH_TRIALS, default_lr_help
 from ._common import device_option, echo, out_option, quiet_option, seed_option
 
 
@@ -76,14 +77,21 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
                               "forward pass over them per epoch."),
             _noise_options,
             click.option("--epochs", type=int, default=10, show_default=True),
-            click.option("--lr", default="0.05", show_default=True,
-                         help="Initial learning rate, or 'auto' to search it."),
-            click.option("--lr-search-epochs", type=float, default=5.0, show_default=True,
-                         help="Epochs of each --lr auto trial run (fractions allowed)."),
-            click.option("--lr-search-trials", type=int, default=8, show_default=True,
-                         help="Trial runs of --lr auto."),
-            click.option("--lr-decay-epochs", type=float, default=600.0, show_default=True,
-                         help="Epochs over which the learning rate falls tenfold."),
+            click.option("--lr", default=None,
+                         help="Initial learning rate, or 'auto' to search it. Default by "
+                              f"normalization and optimizer: {default_lr_help()}."),
+            click.option("--lr-search-steps", type=int, default=LR_SEARCH_STEPS, show_default=True,
+                         help="Optimizer steps of each --lr auto trial run."),
+            click.option("--lr-search-trials", type=int, default=LR_SEARCH_TRIALS, show_default=True,
+                         help="Trial runs of --lr auto; the search costs trials x steps extra "
+                              f"training steps ({LR_SEARCH_TRIALS} x {LR_SEARCH_STEPS} = "
+                              f"{LR_SEARCH_TRIALS * LR_SEARCH_STEPS} by default: "
+                              f"{LR_SEARCH_TRIALS * LR_SEARCH_STEPS * 32 / 45000:.1f} CIFAR-10 epochs "
+                              "at batch 32) plus one evaluation per trial."),
+            click.option("--lr-decay-epochs", type=float, default=None,
+                         help="The learning rate falls tenfold every E epochs (lr * 0.1^(epoch/E)). "
+                              "Default: --epochs minus 1, so the last epoch runs at lr/10; "
+                              "--resume keeps the run's recorded value."),
             click.option("--batch-size", type=int, default=32, show_default=True),
             click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov) or adam."),
             click.option("--weight-decay", type=float, default=0.0, show_default=True),

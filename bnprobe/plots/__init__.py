@@ -10,7 +10,7 @@ from ._style import figure_paths, save_figure
 from .chi2 import plot_chi2
 from .curves import plot_curves
 from .evaluation import plot_coverage, plot_robustness
-from .noise import load_noise, plot_noise
+from .noise import load_noise, plot_noise, plot_noise_trajectory
 from .scaling import plot_batch_scaling, plot_spatial_scaling
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "plot_coverage",
     "plot_curves",
     "plot_noise",
+    "plot_noise_trajectory",
     "plot_robustness",
     "plot_spatial_scaling",
     "save_figure",

@@ -1,10 +1,10 @@
-"""Fitted BN noise levels per layer with their per-channel spread."""
+"""Fitted BN noise levels per layer with their per-channel spread; learned noise over training."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 
@@ -134,4 +134,98 @@ def plot_noise(noise: NoiseSource, out: _style.PathLike | None = None, pdf: bool
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8.5)
         fig.suptitle(f"BN noise per layer at batch size k = {spec.batch_size}")
+        return _style.finish(fig, out, pdf)
+
+
+SIGMA_PREFIX = "sigma_rel_"
+_RUN_STYLES = ("-", "--", ":", "-.")
+
+
+def _sigma_columns(table: Any) -> list[str]:
+    """``sigma_rel_1, sigma_rel_2, ...`` of a metrics table, in layer order."""
+    cols = [c for c in table.columns if c.startswith(SIGMA_PREFIX) and c[len(SIGMA_PREFIX):].isdigit()]
+    return sorted(cols, key=lambda c: int(c[len(SIGMA_PREFIX):]))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a training run folder (it has a metrics.csv)."""
+    from .curves import METRICS_CSV
+
+    return Path(path).is_dir() and (Path(path) / METRICS_CSV).is_file()
+
+
+def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
+                          out: _style.PathLike | None = None, pdf: bool = False) -> Figure:
+    """Learned noise sigma_S/s per layer over the epochs of runs, and its last-epoch profile.
+
+    Reads the ``sigma_rel_<layer>`` columns of each run's metrics.csv (the mean over channels
+    of sigma_S/|s| after each epoch, written by training with ``--learn-noise``). Left: one
+    line per layer (colour) and run (line style) against the epoch; right: the profile over
+    the layers after the last epoch, one line per run. Both on log scales, so runs started at
+    different sigma_S/s can be compared.
+
+    Args:
+        run_dirs: Run folders of ``bnprobe train``/``retrain`` with learned noise.
+        labels: One legend label per run (default: folder name and norm).
+        out: Where to save the figure; None saves nothing.
+        pdf: Also save a PDF next to ``out``.
+
+    Returns:
+        The figure.
+
+    Raises:
+        BnprobeError: On no runs, a missing run or metrics file, a run without learned noise,
+            or a label count that does not match.
+    """
+    from .curves import _unique, read_metrics, run_label
+
+    if not run_dirs:
+        raise BnprobeError("no run folders given")
+    tables = [read_metrics(d) for d in run_dirs]
+    columns = [_sigma_columns(t) for t in tables]
+    for run, cols in zip(run_dirs, columns):
+        if not cols:
+            raise BnprobeError(f"{run} has no learned noise (no {SIGMA_PREFIX}* columns in its metrics.csv; "
+                               "train with --learn-noise layer|channel)")
+    if labels is None:
+        labels = _unique([run_label(d) for d in run_dirs])
+    elif len(labels) != len(run_dirs):
+        raise BnprobeError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    layers = sorted({int(c[len(SIGMA_PREFIX):]) for cols in columns for c in cols})
+    colors = _style.layer_colors(layers)
+    run_colors = _style.run_colors(len(tables))
+    with _style.style():
+        fig, axes = _style.new_figure(1, 2, 5.2, 3.8)
+        over_time, profile = axes[0, 0], axes[0, 1]
+        for r, (table, cols, label) in enumerate(zip(tables, columns, labels)):
+            style = _RUN_STYLES[r % len(_RUN_STYLES)]
+            for col in cols:
+                layer = int(col[len(SIGMA_PREFIX):])
+                over_time.plot(table["epoch"], table[col], style, color=colors[layer], lw=1.4)
+            last = table.iloc[-1]
+            xs = [int(c[len(SIGMA_PREFIX):]) for c in cols]
+            profile.plot(xs, [last[c] for c in cols], style, marker="o", ms=4, color=run_colors[r], lw=1.4,
+                         label=f"{label} (epoch {int(last['epoch'])})")
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+        plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+        for ax in (over_time, profile):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.set_ylabel(r"$\sigma_S / s$")
+        over_time.xaxis.set_major_locator(MaxNLocator(integer=True))
+        over_time.set_xlabel("epoch")
+        over_time.set_title("learned noise over training", fontsize=10)
+        profile.set_xlabel("normalized layer")
+        profile.set_xticks(layers)
+        profile.set_title("after the last epoch", fontsize=10)
+        for layer in layers:  # layer colours of the left panel
+            over_time.plot([], [], "-", color=colors[layer], lw=2, label=f"layer {layer}")
+        for r, label in enumerate(labels):
+            over_time.plot([], [], _RUN_STYLES[r % len(_RUN_STYLES)], color="0.3", lw=1.4, label=label)
+        over_time.legend(fontsize=7, ncol=2, loc="best")
+        profile.legend(fontsize=7.5, loc="best")
+        fig.suptitle(r"Learned noise $\sigma_S / s$ per layer (mean over channels)")
         return _style.finish(fig, out, pdf)

@@ -7,10 +7,19 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import BnprobeError
-from ..options import DatasetName, LearnNoise, NoiseGranularity, Norm, Optimizer
+from ..options import (
+    DEFAULT_LR,
+    LR_SEARCH_STEPS,
+    LR_SEARCH_TRIALS,
+    DatasetName,
+    LearnNoise,
+    NoiseGranularity,
+    Norm,
+    Optimizer,
+)
 
 # Options that may differ when a run is resumed: they do not change the trajectory.
-RESUMABLE_CHANGES = {"epochs", "device", "quiet", "mc_every", "mc_samples", "lr_search_epochs",
+RESUMABLE_CHANGES = {"epochs", "device", "quiet", "mc_every", "mc_samples", "lr_search_steps",
                      "lr_search_trials", "lr_auto"}
 AUTO = "auto"
 
@@ -43,12 +52,16 @@ class TrainConfig:
         prior_std: Std of the N(1, prior_std^2) prior of learned noise.
         kl_weight: Weight of KL / train size in the loss of learned noise.
         epochs: Number of epochs.
-        lr: Initial learning rate, or ``"auto"`` (replaced by the searched value).
+        lr: Initial learning rate, ``"auto"`` (replaced by the searched value), or None: the
+            default for the norm and optimizer (:data:`bnprobe.options.DEFAULT_LR`); training
+            records the value it used.
         lr_auto: Whether ``lr`` was found by the search (set by training).
-        lr_search_epochs: Epochs (may be fractional) of each trial run of ``--lr auto``.
-        lr_search_trials: Trial runs of ``--lr auto``.
+        lr_search_steps: Optimizer steps of each trial run of ``--lr auto``.
+        lr_search_trials: Trial runs of ``--lr auto`` (the search costs
+            ``lr_search_trials * lr_search_steps`` steps).
         lr_decay_epochs: E such that the learning rate falls tenfold every E epochs
-            (lr * gamma^epoch with gamma^E = 0.1).
+            (lr * gamma^epoch with gamma^E = 0.1); None: ``epochs - 1`` (at least 1), so the
+            last epoch runs at a tenth of ``lr``. Training records the value it used.
         batch_size: Training batch size.
         momentum: Nesterov momentum.
         weight_decay: L2 weight decay.
@@ -83,11 +96,11 @@ class TrainConfig:
     prior_std: float = 10.0
     kl_weight: float = 1.0
     epochs: int = 10
-    lr: float | str = 0.05
+    lr: float | str | None = None
     lr_auto: bool = False
-    lr_search_epochs: float = 5.0
-    lr_search_trials: int = 8
-    lr_decay_epochs: float = 600.0
+    lr_search_steps: int = LR_SEARCH_STEPS
+    lr_search_trials: int = LR_SEARCH_TRIALS
+    lr_decay_epochs: float | None = None
     batch_size: int = 32
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -126,7 +139,8 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= min_batch,
              f"--batch-size must be at least {min_batch} for --norm {self.norm}, got {self.batch_size}"),
-            (self.lr_decay_epochs > 0, f"--lr-decay-epochs must be positive, got {self.lr_decay_epochs}"),
+            (self.lr_decay_epochs is None or (_finite(self.lr_decay_epochs) and self.lr_decay_epochs > 0),
+             f"--lr-decay-epochs must be positive, got {self.lr_decay_epochs}"),
             (self.width > 0, f"--width must be positive, got {self.width}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.translate >= 0, f"--translate must be >= 0, got {self.translate}"),
@@ -139,8 +153,8 @@ class TrainConfig:
              f"--kl-weight must be >= 0, got {self.kl_weight}"),
             (self.mc_every >= 0, f"--mc-every must be >= 0, got {self.mc_every}"),
             (self.mc_samples >= 1, f"--mc-samples must be at least 1, got {self.mc_samples}"),
-            (_finite(self.lr_search_epochs) and self.lr_search_epochs > 0,
-             f"--lr-search-epochs must be positive, got {self.lr_search_epochs}"),
+            (isinstance(self.lr_search_steps, int) and self.lr_search_steps >= 1,
+             f"--lr-search-steps must be a positive integer, got {self.lr_search_steps}"),
             (self.lr_search_trials >= 3,
              f"--lr-search-trials must be at least 3, got {self.lr_search_trials}"),
         ]
@@ -151,6 +165,8 @@ class TrainConfig:
         return self
 
     def _validate_lr(self) -> None:
+        if self.lr is None:
+            return
         if self.lr_is_auto:
             self.lr = AUTO
             return
@@ -177,6 +193,18 @@ class TrainConfig:
                 raise BnprobeError(f"--norm-batch ({self.norm_batch}) must be at least --batch-size "
                                    f"({self.batch_size})")
 
+    @property
+    def default_lr(self) -> float:
+        """The initial learning rate for this norm and optimizer when ``lr`` is not given."""
+        return DEFAULT_LR[Optimizer.parse(self.optimizer)][Norm.parse(self.norm)]
+
+    @property
+    def decay_epochs(self) -> float:
+        """Epochs over which the learning rate falls tenfold (``lr_decay_epochs`` or its default)."""
+        if self.lr_decay_epochs is not None:
+            return float(self.lr_decay_epochs)
+        return float(max(1, self.epochs - 1))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dictionary of every option."""
         return asdict(self)
@@ -197,8 +225,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def lr_factor(config: TrainConfig, epoch: float) -> float:
+    """Factor of the schedule at an epoch: gamma^epoch with gamma^decay_epochs = 0.1."""
+    return 0.1 ** (epoch / config.decay_epochs)
+
+
 def lr_at(config: TrainConfig, epoch: float) -> float:
-    """Learning rate of an epoch: lr * gamma^epoch with gamma^lr_decay_epochs = 0.1."""
-    if config.lr_is_auto:
-        raise ValueError("the learning rate is 'auto': search it before training")
-    return float(config.lr) * 0.1 ** (epoch / config.lr_decay_epochs)
+    """Learning rate of an epoch: lr * gamma^epoch with gamma^decay_epochs = 0.1."""
+    if config.lr_is_auto or config.lr is None:
+        raise ValueError(f"the learning rate is {config.lr!r}: resolve it before training")
+    return float(config.lr) * lr_factor(config, epoch)

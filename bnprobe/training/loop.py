@@ -33,6 +33,8 @@ __all__ = ["TrainResult", "train", "train_epoch"]
 EVAL_SUBSET_SEED = 0
 MC_SEED_OFFSET = 6
 PRECISE_SEED_OFFSET = 7
+#: Options resolved when a run starts; a resumed run keeps its recorded value unless given.
+INHERITED_ON_RESUME = ("lr_decay_epochs",)
 
 
 @dataclass
@@ -58,8 +60,11 @@ def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
     old = TrainConfig.from_dict(previous.config)
     if old.project is None:
         old.project = old.norm != "none"
-    if config.lr_is_auto and old.lr_auto:
-        config.lr, config.lr_auto = old.lr, True
+    if (config.lr_is_auto and old.lr_auto) or config.lr is None:
+        config.lr, config.lr_auto = old.lr, old.lr_auto
+    for name in INHERITED_ON_RESUME:  # not given: the run's own (recorded) value
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(old, name))
     diff = old.differences(config)
     if diff:
         raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
@@ -84,6 +89,15 @@ def _precise_bn(model: nn.Module, config: TrainConfig, splits: Any, device: torc
     gen = torch.Generator().manual_seed(config.seed + PRECISE_SEED_OFFSET)
     return recalibrate(model, splits.train, size=config.precise_bn_size, augment=config.augment,
                        generator=gen, device=device)
+
+
+def _diverged_message(loss: float, epoch: int, lr: float, run_dir: Path) -> str:
+    """What a divergent epoch leaves behind: the checkpoint of the previous epoch, or none."""
+    if epoch > 0:
+        kept = f"{run_dir / CHECKPOINT} (after epoch {epoch}) is kept"
+    else:
+        kept = f"no checkpoint was written ({run_dir} holds only {CONFIG})"
+    return f"training loss became {loss} in epoch {epoch + 1} at lr {lr:.4g}; {kept}. Try a smaller --lr"
 
 
 def train(
@@ -146,11 +160,15 @@ def train(
     start_epoch = 0
     search: dict[str, Any] | None = None
     if previous is None:
+        config.lr_decay_epochs = config.decay_epochs  # recorded: --resume keeps the schedule
+        if config.lr is None:
+            config.lr = config.default_lr
         initialize_model(model, config, splits)
         if config.lr_is_auto:
             lr, trials = search_learning_rate(model, config, splits, eval_idx, log)
             config.lr, config.lr_auto = lr, True
-            search = {"chosen_lr": lr, "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
+            search = {"chosen_lr": lr, "steps": config.lr_search_steps,
+                      "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
             log(f"lr search chose lr {lr:.4g}")
     optimizer = make_optimizer(model, config, float(config.lr))
     if previous is not None:
@@ -184,10 +202,7 @@ def train(
                                               regularizer)
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
-            raise BnprobeError(
-                f"training loss became {train_loss} in epoch {epoch + 1}; the last good checkpoint "
-                f"(epoch {epoch}) is kept in {run_dir}. Try a smaller --lr"
-            )
+            raise BnprobeError(_diverged_message(train_loss, epoch, lr, run_dir))
         seconds = time.perf_counter() - t0
         precise = _precise_bn(model, config, splits, device)
         eval_loss, eval_acc = loss_and_accuracy(model, splits.train, eval_idx)

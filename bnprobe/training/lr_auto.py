@@ -68,14 +68,14 @@ def search_learning_rate(
 ) -> tuple[float, list[tuple[float, float]]]:
     """Search log10(lr) (bracketing plus golden section) minimizing :func:`trial_loss`.
 
-    Each of the ``config.lr_search_trials`` trials trains for ``config.lr_search_epochs``
-    epochs (fractions allowed; at least one step).
+    Each of the ``config.lr_search_trials`` trials trains for ``config.lr_search_steps``
+    steps at a constant rate; the chosen rate is never one whose next larger tried rate
+    diverged (see :func:`bnprobe.lr_search.choose`).
 
     Returns:
         ``(lr, history)`` with ``history`` the ``(log10_lr, loss)`` of every trial.
     """
-    per_epoch = len(splits.train) // config.batch_size
-    steps = max(1, round(config.lr_search_epochs * per_epoch))
+    steps = config.lr_search_steps
     lo, hi = SEARCH_RANGE[Optimizer.parse(config.optimizer)]
 
     def objective(log_lr: float) -> float:

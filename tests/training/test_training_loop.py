@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from bnprobe.checkpoint import FORMAT, open_checkpoint
 from bnprobe.errors import BnprobeError
 from bnprobe.training import TrainConfig, train
+from bnprobe.training.loop import _diverged_message
 
 
 def _config(**kw):
@@ -62,11 +64,26 @@ def test_existing_run_is_not_overwritten_and_resume_checks_options(tmp_path, tin
         train(_config(), tmp_path / "nothing", resume=True, data=tiny_data)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
+def test_nan_loss_stops_and_says_what_is_kept(tmp_path, tiny_data):
     train(_config(epochs=1, norm="none"), tmp_path / "run", data=tiny_data)
-    with pytest.raises(BnprobeError, match="became"):
+    with pytest.raises(BnprobeError, match="became") as info:
         train(_config(epochs=1, norm="none", lr=1e30), tmp_path / "run2", data=tiny_data)
+    assert "no checkpoint was written" in str(info.value) and "epoch 1 at lr 1e+30" in str(info.value)
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()
+    later = _diverged_message(math.nan, 3, 0.05, tmp_path / "run")
+    assert f"{tmp_path / 'run' / 'checkpoint.pt'} (after epoch 3) is kept" in later and "epoch 4" in later
+
+
+def test_default_schedule_is_recorded_and_kept_when_a_run_is_extended(tmp_path, tiny_data):
+    short = _config(epochs=2)
+    short.lr_decay_epochs = None
+    train(short, tmp_path / "run", data=tiny_data)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert cfg["lr_decay_epochs"] == 1.0
+    longer = _config(epochs=3)
+    longer.lr_decay_epochs = None
+    result = train(longer, tmp_path / "run", resume=True, data=tiny_data)
+    assert [r["lr"] for r in result.history] == pytest.approx([0.05, 0.005, 0.0005])
 
 
 def test_batch_larger_than_training_set(tmp_path, tiny_data):

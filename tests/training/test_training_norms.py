@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from bnprobe.checkpoint import open_checkpoint
 from bnprobe.data import DataSpec, make_splits
 from bnprobe.errors import BnprobeError
+from bnprobe.lr_search import choose
 from bnprobe.models import build_model
 from bnprobe.models.allcnn import layer_channels
 from bnprobe.norms.an import InputMoments, dataset_channel_moments
@@ -105,7 +105,7 @@ def test_an_input_moments_come_from_the_training_data_and_survive_the_checkpoint
 
 @pytest.mark.parametrize("kw", [
     {"norm": "wn", "noise": "FITTED"},
-    {"norm": "an", "learn_noise": "channel", "lr": "auto", "lr_search_epochs": 0.5, "lr_search_trials": 3},
+    {"norm": "an", "learn_noise": "channel", "lr": "auto", "lr_search_steps": 2, "lr_search_trials": 3},
 ])
 def test_resume_gives_the_same_weights_with_noise(kw, tmp_path, tiny_data):
     kw = dict(kw)
@@ -121,14 +121,15 @@ def test_resume_gives_the_same_weights_with_noise(kw, tmp_path, tiny_data):
 
 
 def test_lr_auto_records_the_chosen_lr(tmp_path, tiny_data):
-    result = train(_config(norm="wn", lr="auto", lr_search_epochs=0.4, lr_search_trials=4), tmp_path / "run",
+    result = train(_config(norm="wn", lr="auto", lr_search_steps=2, lr_search_trials=4), tmp_path / "run",
                    data=tiny_data)
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     lr = record["config"]["lr"]
     assert isinstance(lr, float) and 1e-4 <= lr <= 1 and record["config"]["lr_auto"] is True
     assert record["lr_search"]["chosen_lr"] == lr and len(record["lr_search"]["trials"]) == 4
-    losses = {t["log10_lr"]: t["loss"] for t in record["lr_search"]["trials"]}
-    assert losses[math.log10(lr)] == min(losses.values())
+    trials = [(t["log10_lr"], t["loss"]) for t in record["lr_search"]["trials"]]
+    assert 10 ** choose(trials, -4.0) == pytest.approx(lr)
+    assert record["lr_search"]["steps"] == 2
     assert result.history[0]["lr"] == pytest.approx(lr)
 
 
