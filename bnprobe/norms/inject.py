@@ -188,7 +188,7 @@ def kl_total(model: nn.Module) -> Optional[Tensor]:
 
 @torch.no_grad()
 def relative_sigmas(model: nn.Module) -> list[float]:
-    """Mean ``sigma_S / |s|`` of each learned noise layer, in order."""
+    """Geometric mean over channels of ``sigma_S / |s|`` of each learned noise layer, in order."""
     return [float(m.relative_sigma()) for m in learned_noise_modules(model)]
 
 

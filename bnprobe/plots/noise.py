@@ -158,7 +158,7 @@ def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] 
                           out: _style.PathLike | None = None, pdf: bool = False) -> Figure:
     """Learned noise sigma_S/s per layer over the epochs of runs, and its last-epoch profile.
 
-    Reads the ``sigma_rel_<layer>`` columns of each run's metrics.csv (the mean over channels
+    Reads the ``sigma_rel_<layer>`` columns of each run's metrics.csv (the geometric mean over channels
     of sigma_S/|s| after each epoch, written by training with ``--learn-noise``). Left: one
     line per layer (colour) and run (line style) against the epoch; right: the profile over
     the layers after the last epoch, one line per run. Both on log scales, so runs started at
@@ -227,5 +227,5 @@ def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] 
             over_time.plot([], [], _RUN_STYLES[r % len(_RUN_STYLES)], color="0.3", lw=1.4, label=label)
         over_time.legend(fontsize=7, ncol=2, loc="best")
         profile.legend(fontsize=7.5, loc="best")
-        fig.suptitle(r"Learned noise $\sigma_S / s$ per layer (mean over channels)")
+        fig.suptitle(r"Learned noise $\sigma_S / s$ per layer (geometric mean over channels)")
         return _style.finish(fig, out, pdf)
