@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from ..options import LR_SEARCH_STEPS, LR_SEARCH_TRIALS, default_lr_help
+from ..options import LR_SEARCH_STEPS, LR_SEARCH_TRIALS, NOISE_ADAM_LR, default_lr_help
 from ._common import device_option, echo, out_option, quiet_option, seed_option
 
 
@@ -34,9 +34,19 @@ def _noise_options(f: Callable) -> Callable:
         click.option("--noise-granularity", default="layer", show_default=True,
                      help="layer or channel: sigmas of the noise file to use."),
         click.option("--noise-scale", type=float, default=1.0, show_default=True,
-                     help="Factor on the fixed noise sigmas."),
+                     help="Factor on the noise file's sigmas (fixed noise, or the start of learned noise)."),
         click.option("--learn-noise", default="off", show_default=True,
                      help="off, layer or channel: learn multiplicative noise S ~ N(s, sigma_S^2)."),
+        click.option("--noise-init", type=float, default=None, metavar="SIGMA",
+                     help="Learned noise starts at sigma_S/s = SIGMA in every channel "
+                          "[default: the noise file's sigma_u times --noise-scale, else 0.05]."),
+        click.option("--noise-optimizer", default="adam", show_default=True,
+                     help="adam or sgd for the learned noise's u and s: a parameter group of their "
+                          "own, without weight decay, whose rate --noise-lr falls with the lr "
+                          "schedule by the same factor as the weights'."),
+        click.option("--noise-lr", type=float, default=None,
+                     help=f"Initial learning rate of the learned noise [default: {NOISE_ADAM_LR:g} with "
+                          "adam, --lr with sgd]."),
         click.option("--prior-std", type=float, default=10.0, show_default=True,
                      help="Std of the N(1, std^2) prior of learned noise."),
         click.option("--kl-weight", type=float, default=1.0, show_default=True,

@@ -7,7 +7,7 @@ arguments (stored in checkpoints with the architecture)::
              "granularity": "layer", "names": [...]}
 
 With learned noise (``learn_noise`` ``layer`` or ``channel``) the same dictionary only gives
-the initial ``sigma_S`` (from ``sigma_u``).
+the initial ``sigma_S`` (``sigma_u`` times ``scale``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import BnprobeError
 from ..options import LearnNoise, NoiseGranularity
 from .block import ConvNorm
-from .noise import FixedNoise, LearnedNoise
+from .noise import FixedNoise, LearnedNoise, sigma_param_inverse
 
 __all__ = [
     "DEFAULT_LEARNED_SIGMA",
@@ -31,12 +31,14 @@ __all__ = [
     "check_noise_layers",
     "kl_total",
     "learned_noise_modules",
+    "learned_noise_parameters",
     "mc_mode",
     "noise_kwargs_from_spec",
     "noise_modules",
     "normalized_blocks",
     "relative_sigmas",
     "set_noise_generator",
+    "set_relative_sigma_",
 ]
 
 #: Initial sigma_S of learned noise when no fitted noise is given.
@@ -126,7 +128,8 @@ def build_noise_modules(
 
     Args:
         channels: Output channels of each normalized layer.
-        noise: Fixed noise arguments, or the initial sigma_S of learned noise.
+        noise: Fixed noise arguments, or the initial sigma_S of learned noise (its
+            ``sigma_u`` times its ``scale``, at least ``MIN_LEARNED_SIGMA``).
         learn_noise: ``off`` (fixed noise from ``noise``, if any), ``layer`` or ``channel``.
         prior_std: Prior std of learned noise.
 
@@ -148,10 +151,11 @@ def build_noise_modules(
     if not (math.isfinite(prior_std) and prior_std > 0):
         raise BnprobeError(f"--prior-std must be positive, got {prior_std}")
     modules: list[Optional[nn.Module]] = []
+    scale = 1.0 if noise is None else float(noise.get("scale", 1.0))
     for i, c in enumerate(channels):
         init: Any = DEFAULT_LEARNED_SIGMA
         if noise is not None:
-            init = [max(float(x), MIN_LEARNED_SIGMA) for x in noise["sigma_u"][i]]
+            init = [max(float(x) * scale, MIN_LEARNED_SIGMA) for x in noise["sigma_u"][i]]
         modules.append(LearnedNoise(c, init_sigma=init, per_channel=mode is LearnNoise.CHANNEL,
                                     prior_std=prior_std))
     return modules
@@ -178,6 +182,40 @@ def learned_noise_modules(model: nn.Module) -> list[LearnedNoise]:
     return [m for m in model.modules() if isinstance(m, LearnedNoise)]
 
 
+def learned_noise_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The variational parameters of learned noise: ``u`` (sigma_S) and ``s`` of every layer.
+
+    These are the parameters the KL term acts on; training gives them an optimizer parameter
+    group of their own (see :func:`bnprobe.training.setup.make_optimizer`). The bias ``b``
+    of a ``LearnedNoise`` is an ordinary parameter and not included.
+    """
+    return [p for m in learned_noise_modules(model) for p in (m.u, m.scale) if p.requires_grad]
+
+
+@torch.no_grad()
+def set_relative_sigma_(model: nn.Module, ratio: float) -> int:
+    """Set ``sigma_S = ratio * |s|`` in every channel of every learned noise layer.
+
+    Args:
+        model: The model.
+        ratio: The relative noise level (positive).
+
+    Returns:
+        The number of learned noise layers.
+
+    Raises:
+        ValueError: For a ratio that is not positive and finite.
+    """
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"relative sigma must be positive, got {ratio}")
+    layers = learned_noise_modules(model)
+    for m in layers:
+        scale = m.scale.detach().abs()
+        sigma = ratio * (scale if m.per_channel else scale.mean().reshape(1))
+        m.u.copy_(sigma_param_inverse(sigma.clamp_min(torch.finfo(sigma.dtype).tiny)))
+    return len(layers)
+
+
 def kl_total(model: nn.Module) -> Optional[Tensor]:
     """Sum of ``KL(q(S) || p(S))`` over the learned noise layers (None without any)."""
     layers = learned_noise_modules(model)
@@ -188,7 +226,7 @@ def kl_total(model: nn.Module) -> Optional[Tensor]:
 
 @torch.no_grad()
 def relative_sigmas(model: nn.Module) -> list[float]:
-    """Mean ``sigma_S / |s|`` of each learned noise layer, in order."""
+    """Geometric mean over channels of ``sigma_S / |s|`` of each learned noise layer, in order."""
     return [float(m.relative_sigma()) for m in learned_noise_modules(model)]
 
 

@@ -293,9 +293,14 @@ class LearnedNoise(nn.Module):
         return sigma_param(self.u)
 
     def relative_sigma(self) -> Tensor:
-        """Return the mean over channels of ``sigma_S / |s|`` (0-dim tensor)."""
+        """Return the geometric mean over channels of ``sigma_S / |s|`` (0-dim tensor).
+
+        Geometric, because ``sigma_S`` is a scale, and because channels that the next layer
+        ignores have a flat likelihood: their ``sigma_S`` drifts towards the prior's (10),
+        which would dominate an arithmetic mean long before it is reached.
+        """
         ratio = self.sigma() / self.scale.abs().clamp_min(1e-12)
-        return ratio.mean()
+        return ratio.clamp_min(torch.finfo(ratio.dtype).tiny).log().mean().exp()
 
     def kl(self) -> Tensor:
         """Return ``sum_c KL(N(s_c, sigma_c^2) || N(1, prior_std^2))`` (0-dim tensor)."""

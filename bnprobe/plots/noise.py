@@ -158,7 +158,7 @@ def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] 
                           out: _style.PathLike | None = None, pdf: bool = False) -> Figure:
     """Learned noise sigma_S/s per layer over the epochs of runs, and its last-epoch profile.
 
-    Reads the ``sigma_rel_<layer>`` columns of each run's metrics.csv (the mean over channels
+    Reads the ``sigma_rel_<layer>`` columns of each run's metrics.csv (the geometric mean over channels
     of sigma_S/|s| after each epoch, written by training with ``--learn-noise``). Left: one
     line per layer (colour) and run (line style) against the epoch; right: the profile over
     the layers after the last epoch, one line per run. Both on log scales, so runs started at
@@ -213,7 +213,7 @@ def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] 
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.tick_params(axis="y", which="both", labelsize=8)
             ax.set_ylabel(r"$\sigma_S / s$")
         over_time.xaxis.set_major_locator(MaxNLocator(integer=True))
         over_time.set_xlabel("epoch")
@@ -221,11 +221,12 @@ def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] 
         profile.set_xlabel("normalized layer")
         profile.set_xticks(layers)
         profile.set_title("after the last epoch", fontsize=10)
-        for layer in layers:  # layer colours of the left panel
-            over_time.plot([], [], "-", color=colors[layer], lw=2, label=f"layer {layer}")
-        for r, label in enumerate(labels):
-            over_time.plot([], [], _RUN_STYLES[r % len(_RUN_STYLES)], color="0.3", lw=1.4, label=label)
-        over_time.legend(fontsize=7, ncol=2, loc="best")
+        from matplotlib.lines import Line2D
+
+        keys = [Line2D([], [], color=colors[layer], lw=2, label=f"layer {layer}") for layer in layers]
+        keys += [Line2D([], [], ls=_RUN_STYLES[r % len(_RUN_STYLES)], color="0.3", lw=1.4, label=label)
+                 for r, label in enumerate(labels)]
+        fig.legend(handles=keys, loc="outside lower center", ncol=min(len(keys), 6), fontsize=8)
         profile.legend(fontsize=7.5, loc="best")
-        fig.suptitle(r"Learned noise $\sigma_S / s$ per layer (mean over channels)")
+        fig.suptitle(r"Learned noise $\sigma_S / s$ per layer (geometric mean over channels)")
         return _style.finish(fig, out, pdf)

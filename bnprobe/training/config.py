@@ -47,8 +47,16 @@ class TrainConfig:
         noise: fitted.json whose noise is injected after every normalization (or whose
             sigma_u initializes learned noise).
         noise_granularity: ``layer`` or ``channel`` sigmas from the noise file.
-        noise_scale: Factor on the fixed noise sigmas.
+        noise_scale: Factor on the noise file's sigmas (fixed noise, or the initial sigma_S of
+            learned noise).
         learn_noise: ``off``, ``layer`` or ``channel``: learned multiplicative noise.
+        noise_init: Initial sigma_S/s of every channel of learned noise (None: the noise
+            file's sigma_u times ``noise_scale``, or 0.05 without a file).
+        noise_optimizer: ``adam`` or ``sgd`` (Nesterov, ``momentum``) for the parameters of
+            learned noise (u and s): a parameter group of their own, never weight-decayed,
+            whose rate follows the learning-rate schedule by the same factor as the weights'.
+        noise_lr: Initial learning rate of that group (None: ``NOISE_ADAM_LR`` with adam, the
+            run's ``lr`` with sgd); training records the value it used.
         prior_std: Std of the N(1, prior_std^2) prior of learned noise.
         kl_weight: Weight of KL / train size in the loss of learned noise.
         epochs: Number of epochs.
@@ -93,6 +101,9 @@ class TrainConfig:
     noise_granularity: str = NoiseGranularity.LAYER.value
     noise_scale: float = 1.0
     learn_noise: str = LearnNoise.OFF.value
+    noise_init: float | None = None
+    noise_optimizer: str = Optimizer.ADAM.value
+    noise_lr: float | None = None
     prior_std: float = 10.0
     kl_weight: float = 1.0
     epochs: int = 10
@@ -129,6 +140,7 @@ class TrainConfig:
         self.dataset = DatasetName.parse(self.dataset, "dataset").value
         self.norm = Norm.parse(self.norm, "norm").value
         self.optimizer = Optimizer.parse(self.optimizer, "optimizer").value
+        self.noise_optimizer = Optimizer.parse(self.noise_optimizer, "noise-optimizer").value
         self.learn_noise = LearnNoise.parse(self.learn_noise, "learn-noise").value
         self.noise_granularity = NoiseGranularity.parse(self.noise_granularity, "noise granularity").value
         self._validate_lr()
@@ -147,6 +159,10 @@ class TrainConfig:
             (self.eval_train_size >= 1, f"--eval-train-size must be positive, got {self.eval_train_size}"),
             (_finite(self.noise_scale) and self.noise_scale >= 0,
              f"--noise-scale must be finite and >= 0, got {self.noise_scale}"),
+            (self.noise_init is None or (_finite(self.noise_init) and self.noise_init > 0),
+             f"--noise-init must be positive, got {self.noise_init}"),
+            (self.noise_lr is None or (_finite(self.noise_lr) and self.noise_lr > 0),
+             f"--noise-lr must be positive, got {self.noise_lr}"),
             (_finite(self.prior_std) and self.prior_std > 0,
              f"--prior-std must be positive, got {self.prior_std}"),
             (_finite(self.kl_weight) and self.kl_weight >= 0,
@@ -183,6 +199,17 @@ class TrainConfig:
             raise BnprobeError("--learn-noise needs a normalization: use --norm wn, an or bn, not none")
         if norm is Norm.NONE and self.noise is not None:
             raise BnprobeError("--noise is injected after a normalization: use --norm wn, an or bn, not none")
+        learned = self.learn_noise != LearnNoise.OFF.value
+        for name, given in (("--noise-init", self.noise_init is not None),
+                            ("--noise-lr", self.noise_lr is not None)):
+            if given and not learned:
+                raise BnprobeError(f"{name} is a setting of learned noise: add --learn-noise layer|channel")
+        if self.noise_scale != 1.0 and self.noise is None:
+            raise BnprobeError("--noise-scale scales the sigmas of a noise file: add --noise FITTED_JSON "
+                               "(or set learned noise's start with --noise-init)")
+        if self.noise_scale != 1.0 and self.noise_init is not None:
+            raise BnprobeError("--noise-init replaces the noise file's sigmas, so --noise-scale would have "
+                               "no effect: give one of them")
         if self.arch != "allcnn" and (norm in (Norm.WN, Norm.AN) or self.has_noise):
             raise BnprobeError(f"--norm {self.norm} and noise are available for --arch allcnn only, "
                                f"not {self.arch}")

@@ -19,13 +19,19 @@ from ..io import atomic_write_json
 from ..measure import recalibrate
 from ..measure._layers import BN_TYPES
 from ..models import build_model
-from ..norms.inject import kl_total, noise_modules, relative_sigmas, set_noise_generator
+from ..norms.inject import (
+    kl_total,
+    learned_noise_parameters,
+    noise_modules,
+    relative_sigmas,
+    set_noise_generator,
+)
 from ..options import resolve_device
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, lr_at, lr_factor
 from .evaluate import loss_and_accuracy, mc_loss_and_accuracy
 from .lr_auto import search_learning_rate
 from .run_files import CHECKPOINT, CONFIG, METRICS, write_metrics_csv
-from .setup import initialize_model, make_optimizer, run_arch_kwargs, step_hooks
+from .setup import initialize_model, make_optimizer, noise_lr, run_arch_kwargs, step_hooks
 from .steps import RunGenerators, train_epoch, training_batches
 
 __all__ = ["TrainResult", "train", "train_epoch"]
@@ -34,7 +40,7 @@ EVAL_SUBSET_SEED = 0
 MC_SEED_OFFSET = 6
 PRECISE_SEED_OFFSET = 7
 #: Options resolved when a run starts; a resumed run keeps its recorded value unless given.
-INHERITED_ON_RESUME = ("lr_decay_epochs",)
+INHERITED_ON_RESUME = ("lr_decay_epochs", "noise_lr")
 
 
 @dataclass
@@ -68,6 +74,15 @@ def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
     diff = old.differences(config)
     if diff:
         raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
+
+
+def _load_optimizer_state(optimizer: Any, state: Any, ckpt_path: Path) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BnprobeError(f"cannot resume {ckpt_path}: its optimizer state does not fit this run's "
+                           f"parameter groups ({exc}); it was probably written by another bnprobe "
+                           "version") from None
 
 
 def _epoch_noise_metrics(model: nn.Module, train_size: int, kl_weight: float) -> dict[str, float]:
@@ -170,11 +185,13 @@ def train(
             search = {"chosen_lr": lr, "steps": config.lr_search_steps,
                       "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
             log(f"lr search chose lr {lr:.4g}")
+        if learned_noise_parameters(model) and config.noise_lr is None:
+            config.noise_lr = noise_lr(config, float(config.lr))  # recorded
     optimizer = make_optimizer(model, config, float(config.lr))
     if previous is not None:
         payload = previous.payload
         model.load_state_dict(previous.model.state_dict())
-        optimizer.load_state_dict(payload["optimizer"])
+        _load_optimizer_state(optimizer, payload["optimizer"], ckpt_path)
         gens.load_state(payload["rng"])
         history = list(payload.get("history", []))
         start_epoch = int(payload["epoch"])
@@ -191,9 +208,9 @@ def train(
     has_noise = bool(noise_modules(model))
     n_batches = n_train // config.batch_size
     for epoch in range(start_epoch, config.epochs):
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr, factor = lr_at(config, epoch), lr_factor(config, epoch)
+        for group in optimizer.param_groups:  # every group, learned noise too, by the same factor
+            group["lr"] = group.get("initial_lr", float(config.lr)) * factor
         t0 = time.perf_counter()
         batches = training_batches(splits.train, config.batch_size, gens, config.augment,
                                    config.norm_batch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -11,12 +11,20 @@ from ..data import DataSpec, Splits
 from ..models import default_arch_kwargs
 from ..models.allcnn import layer_channels
 from ..norms.init import DDI_BATCH, data_dependent_init_, init_input_moments_
-from ..norms.inject import check_noise_layers, kl_total, noise_kwargs_from_spec
+from ..norms.inject import (
+    check_noise_layers,
+    kl_total,
+    learned_noise_parameters,
+    noise_kwargs_from_spec,
+    set_relative_sigma_,
+)
 from ..norms.projection import param_groups_no_decay, project_scale_invariant_
-from ..options import LearnNoise, Norm, Optimizer
+from ..options import NOISE_ADAM_LR, LearnNoise, Norm, Optimizer
 from .config import TrainConfig
 
 DDI_SEED_OFFSET = 5
+#: Name of the optimizer parameter group of the learned noise's u and s.
+NOISE_GROUP = "noise"
 
 
 def run_arch_kwargs(config: TrainConfig, spec: DataSpec) -> dict[str, Any]:
@@ -46,12 +54,15 @@ def run_arch_kwargs(config: TrainConfig, spec: DataSpec) -> dict[str, Any]:
 def initialize_model(model: nn.Module, config: TrainConfig, splits: Splits) -> None:
     """Initialization from the training data, before the first step of a fresh run.
 
-    Projects the scale-invariant weights (with ``config.project``), fills AN input moments
+    Projects the scale-invariant weights (with ``config.project``), sets learned noise to
+    ``sigma_S / s = config.noise_init`` (when given), fills AN input moments
     from the normalized training images and, with ``config.data_init``, runs the
     data-dependent init of none/wn nets on ``DDI_BATCH`` random training images.
     """
     if config.project:
         project_scale_invariant_(model)
+    if config.noise_init is not None:
+        set_relative_sigma_(model, float(config.noise_init))
     train = splits.train
     init_input_moments_(model, train.images, splits.spec.mean, splits.spec.std)
     if config.data_init and Norm(config.norm) in (Norm.NONE, Norm.WN):
@@ -60,16 +71,113 @@ def initialize_model(model: nn.Module, config: TrainConfig, splits: Splits) -> N
         data_dependent_init_(model, train.batch(idx)[0])
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or Adam; with projection, the scale-invariant weights get no decay."""
-    if config.project:
-        params: Any = param_groups_no_decay(model, config.weight_decay)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    if Optimizer.parse(config.optimizer) is Optimizer.ADAM:
-        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=True,
+class OptimizerChain:
+    """Several torch optimizers stepped as one (e.g. SGD for the weights, Adam for the noise).
+
+    It offers what training uses of an optimizer: ``param_groups`` (all groups, in order),
+    ``zero_grad``, ``step``, ``state_dict`` and ``load_state_dict`` (a dict of plain types and
+    tensors, loadable with ``weights_only=True``).
+
+    Args:
+        optimizers: The optimizers, each with its own parameters.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every parameter group of every optimizer."""
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every optimizer."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """One step of every optimizer."""
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizers": [state_dict, ...]}``."""
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`.
+
+        Raises:
+            ValueError: If it holds another number of optimizers.
+        """
+        saved = state.get("optimizers") if isinstance(state, dict) else None
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise ValueError(f"expected the state of {len(self.optimizers)} optimizers")
+        for opt, sd in zip(self.optimizers, saved):
+            opt.load_state_dict(sd)
+
+
+TrainOptimizer = Union[torch.optim.Optimizer, OptimizerChain]
+
+
+def noise_lr(config: TrainConfig, lr: float) -> float:
+    """Initial learning rate of the learned-noise group: ``config.noise_lr`` or its default.
+
+    The default is ``NOISE_ADAM_LR`` with Adam and ``lr`` (the weights' rate) with SGD.
+    """
+    if config.noise_lr is not None:
+        return float(config.noise_lr)
+    return NOISE_ADAM_LR if Optimizer.parse(config.noise_optimizer) is Optimizer.ADAM else float(lr)
+
+
+def _build(kind: Optimizer, groups: list[dict[str, Any]], config: TrainConfig, lr: float
+           ) -> torch.optim.Optimizer:
+    if kind is Optimizer.ADAM:
+        return torch.optim.Adam(groups, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True,
                            weight_decay=config.weight_decay)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> TrainOptimizer:
+    """SGD (Nesterov) or Adam, with parameter groups named ``decay``, ``no_decay``, ``noise``.
+
+    With projection the scale-invariant weights (``no_decay``) get no weight decay. The
+    parameters of learned noise (``u`` and ``s``, see
+    :func:`bnprobe.norms.inject.learned_noise_parameters`) form the ``noise`` group: no
+    weight decay, rate :func:`noise_lr`, optimizer ``config.noise_optimizer``; when that
+    differs from ``config.optimizer`` the result is an :class:`OptimizerChain`. Every group
+    records its initial rate as ``initial_lr``; training's schedule multiplies the rate of
+    every group, ``noise`` included, by the same factor (see
+    :func:`bnprobe.training.config.lr_factor`).
+
+    Args:
+        model: The model.
+        config: The run's options.
+        lr: Initial learning rate of the weights.
+
+    Returns:
+        The optimizer.
+    """
+    noise = learned_noise_parameters(model)
+    noise_ids = {id(p) for p in noise}
+    if config.project:
+        groups = param_groups_no_decay(model, config.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+                   "weight_decay": float(config.weight_decay), "name": "decay"}]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in noise_ids]
+        group["lr"] = group["initial_lr"] = float(lr)
+    groups = [g for g in groups if g["params"]]
+    kind = Optimizer.parse(config.optimizer)
+    if not noise:
+        return _build(kind, groups, config, lr)
+    rate = noise_lr(config, lr)
+    noise_group = {"params": noise, "weight_decay": 0.0, "name": NOISE_GROUP, "lr": rate, "initial_lr": rate}
+    noise_kind = Optimizer.parse(config.noise_optimizer)
+    if noise_kind is kind or not groups:
+        return _build(noise_kind if not groups else kind, groups + [noise_group], config, lr)
+    return OptimizerChain([_build(kind, groups, config, lr), _build(noise_kind, [noise_group], config, rate)])
 
 
 def step_hooks(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from torch.nn import functional as F
 
 from ..data.batches import DeviceImages
 from ..progress import progress_bar
+
+if TYPE_CHECKING:
+    from .setup import TrainOptimizer
 
 
 @dataclass
@@ -89,7 +92,7 @@ def training_batches(
 
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainOptimizer,
     batches: Any,
     total: int | None = None,
     progress: bool = False,

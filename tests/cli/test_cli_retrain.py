@@ -82,3 +82,14 @@ def test_retrain_bad_input_is_one_line_and_exit_2(tmp_path, make, extra, needle)
 def test_train_rejects_learned_noise_with_norm_none(tmp_path):
     code, out = _run("train", "--norm", "none", "--learn-noise", "channel", *FAST, "--out", tmp_path / "r")
     assert code == 2 and "needs a normalization" in out
+
+
+def test_retrain_noise_options_are_recorded_and_checked(tmp_path):
+    noise = ["--noise-init", "0.2", "--noise-optimizer", "sgd", "--noise-lr", "0.1"]
+    code, out = _run("retrain", "--norm", "an", "--learn-noise", "channel", "--dataset", "synthetic",
+                     "--width", "0.25", *noise, *FAST, "--out", tmp_path / "run")
+    assert code == 0, out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (cfg["noise_init"], cfg["noise_optimizer"], cfg["noise_lr"]) == (0.2, "sgd", 0.1)
+    code, out = _run("train", "--norm", "wn", "--noise-lr", "0.1", *FAST, "--out", tmp_path / "bad")
+    assert code == 2 and out.startswith("Error:") and "--learn-noise" in out

@@ -17,11 +17,11 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.mark.parametrize("norm", ["wn", "an"])
-def test_wn_and_an_train_stably_with_the_defaults(norm, digits, tmp_path):
+@pytest.mark.parametrize("norm,learn", [("wn", "off"), ("an", "off"), ("an", "channel")])
+def test_wn_and_an_train_stably_with_the_defaults(norm, learn, digits, tmp_path):
     """About 300 steps (19 epochs of 16 steps) at the default lr: finite and falling loss."""
     config = TrainConfig(dataset="digits", norm=norm, width=0.25, epochs=19, limit_train=512, device="cpu",
-                         eval_train_size=128, mc_every=0)
+                         eval_train_size=128, mc_every=0, learn_noise=learn)
     assert config.lr is None
     result = train(config, tmp_path / "run", data=digits)
     assert result.config.lr == DEFAULT_LR[Optimizer.SGD][Norm(norm)]
