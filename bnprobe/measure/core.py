@@ -40,7 +40,7 @@ def _check_sizes(batch_sizes: Sequence[int], n: int, fractions: Sequence[float])
             raise BnprobeError(f"spatial fraction {f} must be in (0, 1]")
 
 
-def _running_deviation(name: str, module: nn.Module, population: tuple) -> dict[str, float]:
+def _running_deviation(module: nn.Module, population: tuple) -> dict[str, float]:
     """How far a layer's running buffers are from the population statistics of its input."""
     nan = float("nan")
     keys = ("running_mean_shift", "running_mean_shift_max", "running_std_ratio", "running_std_ratio_worst")
@@ -184,7 +184,7 @@ def measure(
             else:
                 records = _forward_records(model, src, res, bn_layers, mode, fractions, k, samples, gen,
                                            aug_gen, spatial_sampling, progress)
-            partial.save(res.to_state() if partial.reference is None else partial.reference, gens, k,
+            partial.save(partial.reference, gens, k,
                          _tidy(records, bn_layers, fractions, k, samples))
     tables = [partial.tables[k] for k in batch_sizes]
     layer_table, ref_table = _layer_tables(bn_layers, res, reference, dict(_spatial(tables)))
@@ -264,7 +264,7 @@ def _layer_tables(layers, res: ReferenceResult, reference: Reference, spatial: d
         row = {"name": name, "index": index, "channels": len(mean), "spatial_size": spatial.get(name, 0),
                "eps": float(m.eps), "reference": reference.value,
                "ref_mean": float(mean.mean()), "ref_var": float(var.mean())}
-        row.update(_running_deviation(name, m, res.population[name]))
+        row.update(_running_deviation(m, res.population[name]))
         rows.append(row)
         refs.append(pd.DataFrame({"layer": name, "channel": np.arange(len(mean)), "mean": mean, "var": var,
                                   "reference": reference.value}))
