@@ -20,8 +20,8 @@ from _common import interleaved_times, random_images, sync
 
 from bnprobe.models import build_model
 from bnprobe.models.allcnn import layer_channels
+from bnprobe.noise.network import set_noise_generator
 from bnprobe.norms.an import dataset_channel_moments
-from bnprobe.norms.inject import set_noise_generator
 from bnprobe.options import resolve_device
 from bnprobe.training import TrainConfig
 from bnprobe.training.setup import make_optimizer, step_hooks

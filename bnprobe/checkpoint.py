@@ -26,11 +26,11 @@ from ._version import __version__
 from .data.spec import DataSpec
 from .errors import BnprobeError
 from .io import atomic_write, sha256_file
+from .layout import CHECKPOINT
 from .models.registry import build_model
 
 FORMAT = "bnprobe.checkpoint"
 VERSION = 1
-CHECKPOINT_FILE = "checkpoint.pt"  # inside a run directory
 
 
 @dataclass
@@ -72,7 +72,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 def checkpoint_path(target: str | Path) -> Path:
     """The checkpoint file of ``target``: a run directory's checkpoint.pt, or ``target`` itself."""
     target = Path(target)
-    return target / CHECKPOINT_FILE if target.is_dir() else target
+    return target / CHECKPOINT if target.is_dir() else target
 
 
 def read_checkpoint(path: str | Path, unsafe_load: bool = False, map_location: Any = "cpu") -> Any:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .errors import BnprobeError
 from .io import atomic_write_json
+from .layout import CHECKPOINT, FITTED, MEASUREMENTS_DIR, evaluation_file
 
 MARKER = ".bnprobe-quickstart"
 
@@ -55,7 +56,7 @@ def _train_stage(run_dir: Path, config: Any, data: Any, progress: bool, log: Cal
     from .checkpoint import open_checkpoint
     from .training import train
 
-    ckpt = run_dir / "checkpoint.pt"
+    ckpt = run_dir / CHECKPOINT
     if ckpt.exists():
         done = open_checkpoint(ckpt)
         if done.payload and int(done.payload["epoch"]) >= config.epochs:
@@ -85,7 +86,7 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
     from .data import load_dataset
     from .evaluation.report import write_report
     from .evaluation.run import evaluate_checkpoint
-    from .measure.pipeline import FITTED_JSON, measure_checkpoint
+    from .measure.pipeline import measure_checkpoint
     from .plots import (
         plot_batch_scaling,
         plot_chi2,
@@ -107,12 +108,12 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
 
     bn = TrainConfig(seed=seed, device=device, **COMMON, **RUNS["bn"])
     _train_stage(runs["bn"], bn, data, progress, log)
-    meas = out / "measurements"
-    if not (meas / FITTED_JSON).exists():
+    meas = out / MEASUREMENTS_DIR
+    if not (meas / FITTED).exists():
         log("[measure] sampling BN noise at batch sizes 8, 32, 128")
-        measure_checkpoint(runs["bn"] / "checkpoint.pt", out=meas, seed=seed, device=device, force=True,
+        measure_checkpoint(runs["bn"] / CHECKPOINT, out=meas, seed=seed, device=device, force=True,
                            progress=progress, **MEASURE)
-    fitted = meas / FITTED_JSON
+    fitted = meas / FITTED
     log("[plot] chi2, batch-scaling, spatial-scaling, noise")
     plot_chi2(meas, out=fig / "chi2.png")
     plot_batch_scaling(meas, out=fig / "batch_scaling.png")
@@ -125,13 +126,13 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
     _train_stage(runs["an_learned_noise"], an, data, progress, log)
 
     for name, run in runs.items():
-        if not (run / "evaluation" / "metrics.json").exists():
+        if not evaluation_file(run).exists():
             log(f"[evaluate] {name} with MC-10")
             doc = evaluate_checkpoint(run, mc=[10], seed=seed, device=device, force=True, progress=progress)
         else:
             import json
 
-            doc = json.loads((run / "evaluation" / "metrics.json").read_text())
+            doc = json.loads(evaluation_file(run).read_text())
         result.metrics[f"{name}_test_accuracy"] = doc["metrics"]["single"]["accuracy"]
         result.metrics[f"{name}_test_nll_mc10"] = doc["metrics"]["mc10"]["nll"]
     result.report = write_report(list(runs.values()), out / "report.md", force=True)

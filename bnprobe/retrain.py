@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from .data import ImageData
 from .errors import BnprobeError
+from .noise.spec import NoiseSpec
 from .options import LearnNoise, Norm
 from .training import TrainConfig, TrainResult, train
 
@@ -24,8 +25,6 @@ _SOURCE_FIELDS = ("arch", "width", "dataset", "data_root")
 def _source_defaults(noise: str | Path | None) -> dict[str, Any]:
     if noise is None:
         return {}
-    from .measure.noise_spec import NoiseSpec
-
     source = NoiseSpec.load(noise).source or {}
     kwargs = source.get("arch_kwargs") if isinstance(source.get("arch_kwargs"), dict) else {}
     found = {"arch": source.get("arch"), "width": kwargs.get("width"),

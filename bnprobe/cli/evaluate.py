@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..layout import COVERAGE, EVALUATION, ROBUSTNESS
 from ._common import CommaList, device_option, echo, quiet_option, seed_option, unsafe_load_option
 
 
@@ -45,6 +46,6 @@ def command(quiet: bool, **options) -> None:
                 f"{m['ece_adaptive']:8.4f} {m['brier']:8.4f} {m['aurc_entropy']:8.5f}"
             )
     echo(
-        f"wrote {doc['out']}/metrics.json, coverage.csv"
-        + (", robustness.csv" if options["robustness"] else "")
+        f"wrote {doc['out']}/{EVALUATION}, {COVERAGE}"
+        + (f", {ROBUSTNESS}" if options["robustness"] else "")
     )

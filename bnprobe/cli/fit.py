@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
+from ..layout import FITTED, MEASUREMENTS_DIR
 from ._common import echo
 
 
 @click.command("fit")
-@click.argument("measurements", default="measurements", type=click.Path(file_okay=False))
+@click.argument("measurements", default=MEASUREMENTS_DIR, type=click.Path(file_okay=False))
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Batch size to export; an unmeasured one is predicted from n_eff (variance ~ 1/k).")
-@click.option("--out", default="fitted.json", show_default=True, help="Noise file to write.")
+@click.option("--out", default=FITTED, show_default=True, help="Noise file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def command(measurements: str, batch_size: int, out: str, force: bool) -> None:
     """Write the noise file (format bnprobe.noise v1) consumed by `bnprobe retrain --noise`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..layout import FITTED, LAYERS, MEASUREMENTS_DIR, REFERENCE, SAMPLES, SUMMARY
 from ._common import CommaList, checkpoint_data_options, echo, quiet_option
 
 
@@ -36,7 +37,7 @@ from ._common import CommaList, checkpoint_data_options, echo, quiet_option
               help="Random positions drawn per image (i.i.d., the n = k z model) or shared by the batch.")
 @click.option("--layers", default=None, help="Glob(s) of BN layer names, comma-separated (default all).")
 @checkpoint_data_options
-@click.option("--out", default="measurements", show_default=True, help="Output folder.")
+@click.option("--out", default=MEASUREMENTS_DIR, show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace measurements already in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")
 @quiet_option
@@ -57,4 +58,4 @@ def command(quiet: bool, **options) -> None:
                            "display.float_format", "{:.4g}".format):
         echo(layer_table(summary).to_string(index=False))
     out = options["out"]
-    echo(f"wrote {out}/samples.parquet, layers.csv, reference.parquet, summary.csv, fitted.json")
+    echo(f"wrote {out}/{SAMPLES}, {LAYERS}, {REFERENCE}, {SUMMARY}, {FITTED}")

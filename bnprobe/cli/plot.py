@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from ..layout import FITTED, MEASUREMENTS_DIR
 from ._common import echo
 
 _OVERWRITE = "Figure file to write (overwritten if it exists)."
@@ -27,7 +28,7 @@ def _report(out: str, pdf: bool) -> None:
 
 
 def _measurements_argument(f: Callable) -> Callable:
-    return click.argument("measurements", default="measurements", type=click.Path(file_okay=False))(f)
+    return click.argument("measurements", default=MEASUREMENTS_DIR, type=click.Path(file_okay=False))(f)
 
 
 @click.group("plot")
@@ -96,7 +97,7 @@ def noise(sources: tuple[str, ...], labels: tuple[str, ...], out: str, pdf: bool
     from ..plots import plot_noise, plot_noise_trajectory
     from ..plots.noise import is_run_dir
 
-    sources = sources or ("measurements/fitted.json",)
+    sources = sources or (f"{MEASUREMENTS_DIR}/{FITTED}",)
     runs = [is_run_dir(s) for s in sources]
     if all(runs):
         plot_noise_trajectory(list(sources), labels=list(labels) or None, out=out, pdf=pdf)

@@ -1,14 +1,12 @@
-"""Evaluation: calibration metrics, selective prediction, MC averaging and robustness."""
+"""Evaluation: calibration metrics, selective prediction, robustness (MC prediction: bnprobe.noise)."""
 
 from __future__ import annotations
 
 from .adversarial import fgsm, gaussian_noise, robustness_curve
-from .mc import EnableMC, mc_average, mc_predict
 from .metrics import accuracy, brier, ece, nll, summary_metrics
 from .selective import Uncertainty, aurc, coverage_curve, uncertainty
 
 __all__ = [
-    "EnableMC",
     "Uncertainty",
     "accuracy",
     "aurc",
@@ -17,8 +15,6 @@ __all__ = [
     "ece",
     "fgsm",
     "gaussian_noise",
-    "mc_average",
-    "mc_predict",
     "nll",
     "robustness_curve",
     "summary_metrics",

@@ -10,13 +10,14 @@ import pandas as pd
 
 from ..errors import BnprobeError
 from ..io import atomic_write, atomic_write_text, read_json, refuse_overwrite
+from ..layout import EVALUATION, evaluation_file
 from .run import FORMAT, metrics_table
 
 
 def load_evaluation(run: str | Path) -> dict:
     """The metrics.json of a run directory, its evaluation folder, or the file itself."""
     run = Path(run)
-    for candidate in (run / "evaluation" / "metrics.json", run / "metrics.json", run):
+    for candidate in (evaluation_file(run), run / EVALUATION, run):
         if candidate.is_file():
             doc = read_json(candidate, "evaluation")
             if doc.get("format") != FORMAT:

@@ -18,56 +18,57 @@ from ..checkpoint import checkpoint_path, open_checkpoint
 from ..data import DeviceImages, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write, atomic_write_json
+from ..layout import COVERAGE, EVALUATION, ROBUSTNESS, evaluation_dir
+from ..noise.mc import mc_log_probs
+from ..noise.network import noise_modules
+from ..noise.samplers import Sampler, bn_layers, choose_sampler
+from ..noise.spec import NoiseSpec
 from ..options import Split, resolve_device
-from ..progress import progress_bar
 from .adversarial import robustness_curve
 from .labels import evaluation_label, method_label
-from .mc import mc_average
 from .metrics import summary_metrics
 from .selective import Uncertainty, aurc, coverage_curve
-from .stochastic import has_bn, mcbn, noise_mc, noise_modules, parametric_bn
 
 FORMAT = "bnprobe.evaluation"
 VERSION = 1
-ROBUSTNESS = {"gaussian": (0.1, 0.25, 0.5, 1.0), "fgsm": (0.005, 0.01, 0.02, 0.05)}
+ROBUSTNESS_LEVELS = {"gaussian": (0.1, 0.25, 0.5, 1.0), "fgsm": (0.005, 0.01, 0.02, 0.05)}
+
+
+def _input_batches(images: DeviceImages, batch_size: int) -> list[torch.Tensor]:
+    """The evaluation inputs in order, in batches (normalized once, reused by every pass)."""
+    return [images.batch(torch.arange(s, min(s + batch_size, len(images))))[0]
+            for s in range(0, len(images), batch_size)]
 
 
 @torch.no_grad()
-def _predict(
-    model: nn.Module, images: DeviceImages, batch_size: int, before: Callable[[], None] | None = None
-):
-    """Log-probabilities over a set (one pass), calling ``before`` first."""
-    if before is not None:
-        before()
-    out = [
-        torch.log_softmax(model(images.batch(torch.arange(s, min(s + batch_size, len(images))))[0]), 1)
-        for s in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out)
+def _predict(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities of one pass over the batches."""
+    return torch.cat([torch.log_softmax(model(x), 1) for x in batches])
 
 
-def stochastic_mode(
-    model: nn.Module, train: DeviceImages, train_batch: int, noise: Any, generator: torch.Generator
-) -> tuple[str, Callable[[], Any]] | None:
-    """Pick the Monte-Carlo mode of a model: injected noise, parametric BN, MCBN, or none."""
-    if noise_modules(model):
-        return "noise", lambda: noise_mc(model)
-    if has_bn(model) and noise is not None:
-        sigmas = [(torch.tensor(v), torch.tensor(u)) for v, u in noise.sigmas(per_channel=True)]
+def sampler_for(
+    model: nn.Module, train: DeviceImages, train_batch: int, noise: NoiseSpec | None,
+    generator: torch.Generator,
+) -> Sampler | None:
+    """The Monte Carlo sampler of a model: injected noise, parametric BN, MCBN, or None.
+
+    MCBN draws batches of ``train_batch`` augmented training images; the batches and the
+    noise draws follow ``generator`` (CPU) through generators seeded from it on the data's
+    device, so an evaluation is reproducible from its seed.
+    """
+    def seeded() -> torch.Generator:
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        dev_gen = torch.Generator(device=train.device).manual_seed(seed)
-        return "parametric-bn", lambda: parametric_bn(model, sigmas, dev_gen)
-    if has_bn(model):
-        aug = torch.Generator(device=train.device).manual_seed(
-            int(torch.randint(2**62, (1,), generator=generator))
-        )
+        return torch.Generator(device=train.device).manual_seed(seed)
 
-        def draw() -> torch.Tensor:
-            idx = torch.randperm(len(train), generator=generator)[:train_batch]
-            return train.batch(idx, augmented=True, generator=aug)[0]
+    sigmas = None if noise is None else noise.sigmas(per_channel=True)
+    aug = seeded()
 
-        return "mcbn", lambda: mcbn(model, draw)
-    return None
+    def draw() -> torch.Tensor:
+        idx = torch.randperm(len(train), generator=generator)[:train_batch]
+        return train.batch(idx, augmented=True, generator=aug)[0]
+
+    gen = seeded() if sigmas is not None or noise_modules(model) else None
+    return choose_sampler(model, sigmas, draw, gen)
 
 
 def evaluate_model(
@@ -98,21 +99,18 @@ def evaluate_model(
     model.eval()
     results: dict[str, Any] = {}
     curves = []
-    logps = {"single": _predict(model, images, batch_size)}
-    mode = stochastic_mode(model, train, train_batch, noise, gen)
+    batches = _input_batches(images, batch_size)
+    logps = {"single": _predict(model, batches)}
+    sampler = sampler_for(model, train, train_batch, noise, gen)
     mc = sorted({int(n) for n in mc if int(n) >= 1})
-    if mc and mode is None:
+    if mc and sampler is None:
         log("note: this model is deterministic (no BN, no noise): Monte-Carlo prediction = one pass, N = 1")
         mc = [1]
-    if mc and mode is not None:
-        kind, ctx = mode
-        samples = []
-        with ctx() as resample:
-            for _ in progress_bar(range(max(mc)), total=max(mc), enabled=progress, desc=f"MC ({kind})"):
-                samples.append(_predict(model, images, batch_size, resample))
+    if mc and sampler is not None:
+        sampled = mc_log_probs(model, lambda: batches, sampler, mc, progress=progress)
         for n in mc:
-            logps[f"mc{n}"] = mc_average(torch.stack(samples[:n]))
-        results["mc_mode"] = kind
+            logps[f"mc{n}"] = sampled[n]
+        results["mc_mode"] = sampler.kind
     elif mc:
         logps["mc1"] = logps["single"]
         results["mc_mode"] = "deterministic"
@@ -125,11 +123,8 @@ def evaluate_model(
         results[name] = row
     rob = None
     if robustness:
-        batches = [
-            images.batch(torch.arange(s, min(s + batch_size, len(images))))
-            for s in range(0, len(images), batch_size)
-        ]
-        rob = robustness_curve(model, batches, ROBUSTNESS, generator=None)
+        labelled = [(x, y[s * batch_size:(s + 1) * batch_size]) for s, x in enumerate(batches)]
+        rob = robustness_curve(model, labelled, ROBUSTNESS_LEVELS, generator=None)
     model.train(was_training)
     coverage = pd.concat(curves, ignore_index=True)[
         ["method", "uncertainty", "coverage", "error", "n_accepted"]
@@ -139,7 +134,7 @@ def evaluate_model(
 
 def bn_buffers(ckpt: Any) -> str | None:
     """Which statistics a checkpoint's BN layers normalize by in evaluation mode (None: no BN)."""
-    if not has_bn(ckpt.model):
+    if not bn_layers(ckpt.model):
         return None
     info = (ckpt.payload or {}).get("precise_bn")
     if info:
@@ -186,8 +181,8 @@ def evaluate_checkpoint(
     if split_kind is Split.TRAIN:
         raise BnprobeError("evaluate on --split test or val, not train")
     path = checkpoint_path(target)
-    out = Path(out) if out is not None else path.parent / "evaluation"
-    if (out / "metrics.json").exists() and not force:
+    out = Path(out) if out is not None else evaluation_dir(path.parent)
+    if (out / EVALUATION).exists() and not force:
         raise BnprobeError(f"{out} already holds an evaluation; pass --force to replace it or use --out")
     dev = resolve_device(device)
     ckpt = open_checkpoint(path, unsafe_load=unsafe_load, device=dev)
@@ -195,11 +190,7 @@ def evaluate_checkpoint(
         raise BnprobeError(f"{path} records no dataset: evaluate needs a bnprobe checkpoint")
     if dataset is not None and dataset != ckpt.data.name:
         raise BnprobeError(f"{path} was trained on {ckpt.data.name!r}, not on {dataset!r}")
-    noise_spec = None
-    if noise is not None:
-        from ..measure.noise_spec import NoiseSpec
-
-        noise_spec = NoiseSpec.load(noise)
+    noise_spec = None if noise is None else NoiseSpec.load(noise)
     buffers = bn_buffers(ckpt)
     if buffers and log:
         log(f"BN buffers: {buffers}")
@@ -247,10 +238,10 @@ def evaluate_checkpoint(
         "metrics": metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "coverage.csv", lambda p: coverage.to_csv(p, index=False))
+    atomic_write(out / COVERAGE, lambda p: coverage.to_csv(p, index=False))
     if rob is not None:
-        atomic_write(out / "robustness.csv", lambda p: rob.to_csv(p, index=False))
-    atomic_write_json(out / "metrics.json", doc)
+        atomic_write(out / ROBUSTNESS, lambda p: rob.to_csv(p, index=False))
+    atomic_write_json(out / EVALUATION, doc)
     doc["out"] = str(out)
     return doc
 

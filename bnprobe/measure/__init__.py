@@ -1,12 +1,11 @@
 """Measuring BN stochasticity: hooks on BN inputs, reference statistics, fitted noise."""
 
-from ._layers import find_bn_layers, preserved_state
+from ..layers import find_bn_layers, preserved_state
 from .core import measure
 from .fit import fit_noise, noise_flags
 from .measurements import Measurements
-from .noise_spec import NoiseSpec
 from .recalibrate import recalibrate
 from .reference import ReferenceResult, reference_pass
 
-__all__ = ["Measurements", "NoiseSpec", "ReferenceResult", "find_bn_layers", "fit_noise", "measure",
+__all__ = ["Measurements", "ReferenceResult", "find_bn_layers", "fit_noise", "measure",
            "noise_flags", "preserved_state", "recalibrate", "reference_pass"]

@@ -19,9 +19,9 @@ from torch import nn
 
 from ..errors import BnprobeError
 from ..io import atomic_write
-
-STATE = "state.pt"
-REFERENCE = "reference.pt"
+from ..layout import PARTIAL_REFERENCE as REFERENCE
+from ..layout import PARTIAL_STATE as STATE
+from ..layout import partial_table
 
 
 def settings_key(config: dict[str, Any], source: dict[str, Any] | None, model: nn.Module,
@@ -74,7 +74,7 @@ class PartialMeasurement:
                                f"({exc}); pass --force to start over") from exc
         self._gens = state["generators"]
         for k in state["done"]:
-            self.tables[int(k)] = pd.read_parquet(self.directory / f"k{int(k)}.parquet")
+            self.tables[int(k)] = pd.read_parquet(self.directory / partial_table(k))
 
     @property
     def resumed(self) -> bool:
@@ -100,7 +100,7 @@ class PartialMeasurement:
         if first:
             atomic_write(self.directory / REFERENCE, lambda p: torch.save(reference, p))
         if finished:
-            atomic_write(self.directory / f"k{int(k)}.parquet", lambda p: table.to_parquet(p, index=False))
+            atomic_write(self.directory / partial_table(k), lambda p: table.to_parquet(p, index=False))
         state = {
             "key": self.key,
             "generators": {n: g.get_state() for n, g in generators.items()},

@@ -15,9 +15,9 @@ from torch import nn
 from .._version import __version__
 from ..data.batches import DeviceImages
 from ..errors import BnprobeError
+from ..layers import find_bn_layers, preserved_state
 from ..options import IsolatedMethod, MeasureMode, Reference, SpatialSampling
 from ..progress import progress_bar
-from ._layers import find_bn_layers, preserved_state
 from ._partial import PartialMeasurement, settings_key
 from ._source import InputSource
 from .graph import fixed_statistics

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BnprobeError
+from ..noise.spec import NoiseSpec
 from .measurements import Measurements
-from .noise_spec import NoiseSpec
 
 
 def _channel_vars(samples: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._layers import BN_TYPES, hooks_removed
+from ..layers import BN_TYPES, hooks_removed
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

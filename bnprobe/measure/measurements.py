@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..errors import BnprobeError
 from ..io import atomic_write, atomic_write_json
+from ..layout import LAYERS, META, REFERENCE, SAMPLES
 
 FORMAT = "bnprobe.measurements"
 VERSION = 1
@@ -62,10 +63,10 @@ class Measurements:
         """Write samples.parquet, layers.csv, reference.parquet and meta.json (atomically)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write(d / "samples.parquet", lambda p: self.samples.to_parquet(p, index=False))
-        atomic_write(d / "reference.parquet", lambda p: self.reference.to_parquet(p, index=False))
-        atomic_write(d / "layers.csv", lambda p: self.layers.to_csv(p, index=False))
-        atomic_write_json(d / "meta.json", self.meta)
+        atomic_write(d / SAMPLES, lambda p: self.samples.to_parquet(p, index=False))
+        atomic_write(d / REFERENCE, lambda p: self.reference.to_parquet(p, index=False))
+        atomic_write(d / LAYERS, lambda p: self.layers.to_csv(p, index=False))
+        atomic_write_json(d / META, self.meta)
         return d
 
     @classmethod
@@ -75,15 +76,15 @@ class Measurements:
         if not d.is_dir():
             raise BnprobeError(f"measurements folder not found: {d} (run bnprobe measure first)")
         try:
-            meta = json.loads((d / "meta.json").read_text())
+            meta = json.loads((d / META).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BnprobeError(f"{d} is not a measurements folder (meta.json unreadable)") from exc
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise BnprobeError(f"{d}/meta.json is not {FORMAT} version {VERSION}")
         try:
-            samples = pd.read_parquet(d / "samples.parquet")
-            reference = pd.read_parquet(d / "reference.parquet")
-            layers = pd.read_csv(d / "layers.csv")
+            samples = pd.read_parquet(d / SAMPLES)
+            reference = pd.read_parquet(d / REFERENCE)
+            layers = pd.read_csv(d / LAYERS)
         except (OSError, ValueError) as exc:
             raise BnprobeError(f"{d}: cannot read measurement tables: {exc}") from exc
         missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]

@@ -13,14 +13,13 @@ from ..checkpoint import checkpoint_path, open_checkpoint, save_checkpoint
 from ..data import DataSpec, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write
+from ..layout import FITTED, MEASUREMENTS_DIR, META, SUMMARY
 from ..options import resolve_device
 from .core import _check_sizes, measure
 from .fit import fit_noise, noise_flags
 from .measurements import Measurements
 from .recalibrate import recalibrate
 
-SUMMARY_CSV = "summary.csv"
-FITTED_JSON = "fitted.json"
 PARTIAL_DIR = ".partial"
 
 
@@ -33,7 +32,7 @@ def default_export_batch_size(batch_sizes: Sequence[int]) -> int:
 def measure_checkpoint(
     checkpoint: str | Path,
     batch_sizes: Sequence[int],
-    out: str | Path = "measurements",
+    out: str | Path = MEASUREMENTS_DIR,
     samples: int = 200,
     mode: str = "joint",
     reference: str = "population",
@@ -68,7 +67,7 @@ def measure_checkpoint(
     """
     log = log or (lambda _m: None)
     out = Path(out)
-    if (out / "meta.json").exists() and not force:
+    if (out / META).exists() and not force:
         raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
     partial_dir = out / PARTIAL_DIR
     if partial_dir.exists():
@@ -103,8 +102,8 @@ def measure_checkpoint(
     spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
     m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out)]
     m.save(out)
-    atomic_write(out / SUMMARY_CSV, lambda p: summary.to_csv(p, index=False))
-    spec_out.save(out / FITTED_JSON)
+    atomic_write(out / SUMMARY, lambda p: summary.to_csv(p, index=False))
+    spec_out.save(out / FITTED)
     shutil.rmtree(partial_dir, ignore_errors=True)
     return m, summary
 

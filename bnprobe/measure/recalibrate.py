@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.batches import DeviceImages
 from ..errors import BnprobeError
-from ._layers import BN_TYPES
+from ..layers import BN_TYPES
 from ._source import InputSource
 from .reference import reference_pass
 

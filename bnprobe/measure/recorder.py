@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._layers import channel_moments, hooks_removed, spatial_size
+from ..layers import channel_moments, hooks_removed, spatial_size
 from .graph import StopForward
 
 

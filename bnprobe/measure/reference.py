@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..errors import BnprobeError
+from ..layers import channel_moments
 from ..options import Reference
 from ..progress import progress_bar
-from ._layers import channel_moments
 from ._source import InputSource
 from .graph import Stats, segmented
 

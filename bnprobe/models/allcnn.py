@@ -7,9 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..noise.network import build_noise_modules
 from ..norms import make_conv_norm
 from ..norms.an import InputMoments, propagate_sequence
-from ..norms.inject import build_noise_modules
 from ..options import LearnNoise, Norm
 
 # (channels, kernel, stride) of each convolution; the last one has num_classes channels.
@@ -42,7 +42,7 @@ class AllCNN(nn.Module):
         width: Multiplier of every channel count but the last.
         norm: Normalization after each convolution: none, bn, wn or an.
         negative_slope: Leaky ReLU slope.
-        noise: Noise arguments (see :mod:`bnprobe.norms.inject`): fixed noise after each
+        noise: Noise arguments (see :mod:`bnprobe.noise.network`): fixed noise after each
             normalization, or with ``learn_noise`` the initial sigma_S.
         learn_noise: ``off``, ``layer`` or ``channel``: learned multiplicative noise.
         prior_std: Prior std of learned noise.

@@ -7,16 +7,16 @@ from typing import Optional
 from torch import nn
 
 from ..errors import BnprobeError
+from ..noise import FixedNoise, LearnedNoise
 from ..options import Norm
 from .an import ANConv2d, InputMoments
-from .block import ConvNorm
+from .block import ChannelAffine, ConvNorm
 from .bn import NoisyBatchNorm2d
-from .inject import mc_mode
-from .noise import FixedNoise, LearnedNoise
 from .wn import WNConv2d
 
 __all__ = [
     "ANConv2d",
+    "ChannelAffine",
     "ConvNorm",
     "FixedNoise",
     "InputMoments",
@@ -24,7 +24,6 @@ __all__ = [
     "NoisyBatchNorm2d",
     "WNConv2d",
     "make_conv_norm",
-    "mc_mode",
 ]
 
 

@@ -1,9 +1,11 @@
-"""A convolution followed by its normalization: the unit every architecture is built from."""
+"""A convolution followed by its normalization (the unit of every architecture); a channel affine."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..noise.functional import noise_then_affine
 
 
 class ConvNorm(nn.Module):
@@ -25,3 +27,35 @@ class ConvNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized convolution output."""
         return self.norm(self.conv(x))
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel affine ``y = x * s + b`` (dim 1), to put after a noise module.
+
+    Args:
+        channels: Number of channels.
+        bias: Whether to learn ``b`` (init 0).
+        scale: Whether to learn ``s`` (init 1).
+    """
+
+    def __init__(self, channels: int, bias: bool = True, scale: bool = True) -> None:
+        super().__init__()
+        self.channels = channels
+        self.scale = nn.Parameter(torch.ones(channels)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x * s + b``."""
+        return noise_then_affine(x, self.scale, self.bias, None)
+
+    def propagate(self, m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Moments through the affine: ``(m s + b, v s^2)``."""
+        if self.scale is not None:
+            m, v = m * self.scale, v * self.scale * self.scale
+        if self.bias is not None:
+            m = m + self.bias
+        return m, v
+
+    def extra_repr(self) -> str:
+        """Return the constructor arguments shown by ``repr``."""
+        return f"{self.channels}, bias={self.bias is not None}, scale={self.scale is not None}"

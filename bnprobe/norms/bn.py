@@ -7,7 +7,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .wn import channel_affine
+from ..noise.functional import noise_then_affine
 
 __all__ = ["NoisyBatchNorm2d"]
 
@@ -51,4 +51,4 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
             x, self.running_mean if track else None, self.running_var if track else None,
             None, None, use_batch, factor, self.eps,
         )  # fmt: skip
-        return channel_affine(x_hat, self.weight, self.bias, self.noise)
+        return noise_then_affine(x_hat, self.weight, self.bias, self.noise)

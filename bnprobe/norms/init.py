@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..noise import LearnedNoise, sigma_param_inverse
 from .an import ANConv2d, InputMoments, dataset_channel_moments
 from .block import ConvNorm
-from .noise import LearnedNoise, sigma_param_inverse
 from .wn import WNConv2d
 
 __all__ = ["DDI_BATCH", "data_dependent_init_", "init_input_moments_"]

@@ -8,7 +8,7 @@ Scale-invariance protocol: every module whose raw weight can be rescaled per out
 without changing its output exposes ``scale_invariant_weights() -> list[Parameter]``;
 :func:`bnprobe.norms.projection.scale_invariant_weights` collects them.
 
-Noise hook: an optional ``noise`` submodule (see :mod:`bnprobe.norms.noise`) is applied to the
+Noise hook: an optional ``noise`` submodule (see :mod:`bnprobe.noise.modules`) is applied to the
 normalized output ``x_hat`` BEFORE the affine ``* s + b``.
 """
 
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..noise.functional import noise_then_affine
 from .moments import conv_moments
 
 __all__ = [
     "WNConv2d",
     "WNLinear",
     "affine_moments",
-    "channel_affine",
     "normalized_conv2d",
     "normalize_rows",
 ]
@@ -54,30 +54,6 @@ def normalize_rows(weight: Tensor) -> Tensor:
 
 def _pair(value: _IntPair) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def channel_affine(
-    x_hat: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], noise: Optional[nn.Module]
-) -> Tensor:
-    """Apply the optional noise module, then ``* scale + bias`` per channel (dim 1).
-
-    Args:
-        x_hat: Normalized activations ``(N, C, ...)``.
-        scale: Per-channel scale ``(C,)`` or None.
-        bias: Per-channel bias ``(C,)`` or None.
-        noise: Module applied to ``x_hat`` first, or None.
-
-    Returns:
-        The transformed activations.
-    """
-    if noise is not None:
-        x_hat = noise(x_hat)
-    shape = (1, -1) + (1,) * (x_hat.dim() - 2)
-    if scale is not None:
-        x_hat = x_hat * scale.reshape(shape)
-    if bias is not None:
-        x_hat = x_hat + bias.reshape(shape)
-    return x_hat
 
 
 def _mul(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -150,7 +126,7 @@ def normalized_conv2d(
         if get is None:
             w = weight if pre_scale is None else weight * pre_scale.reshape(-1, 1, 1, 1)
             x_hat = F.conv2d(x, w, pre_shift, stride, padding, dilation)
-            return channel_affine(x_hat, scale, bias, noise)
+            return noise_then_affine(x_hat, scale, bias, noise)
         coefficients = get(x.shape[0], weight)
     if coefficients is None or coefficients[0].dim() == 1:
         mul, add = (None, None) if coefficients is None else coefficients
@@ -175,7 +151,7 @@ def affine_moments(
     bias: Optional[Tensor],
     noise: Optional[nn.Module],
 ) -> tuple[Tensor, Tensor]:
-    """Moments through :func:`channel_affine` (the noise module's eval-mode map, then affine).
+    """Moments through :func:`~bnprobe.noise.functional.noise_then_affine` (noise eval map, affine).
 
     Args:
         m: Channel means of ``x_hat``.
@@ -332,7 +308,7 @@ class WNLinear(_WNBase):
         """
         x_hat = F.linear(x, self.normalized_weight())
         if x_hat.dim() == 2:
-            return channel_affine(x_hat, self.scale, self.bias, self.noise)
+            return noise_then_affine(x_hat, self.scale, self.bias, self.noise)
         if self.noise is not None:
             raise ValueError(f"WNLinear with noise needs (N, features) input, got {x.dim()}-D")
         if self.scale is not None:

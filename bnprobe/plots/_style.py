@@ -24,13 +24,13 @@ from matplotlib.figure import Figure
 
 from ..errors import BnprobeError
 from ..io import atomic_write
+from ..layout import SUMMARY as SUMMARY_CSV
 
 if TYPE_CHECKING:
     from ..measure.measurements import Measurements
 
 PathLike = Union[str, Path]
 DPI = 150
-SUMMARY_CSV = "summary.csv"
 _SUMMARY_NEEDS = ("layer", "layer_index", "batch_size", "fraction", "spatial_size", "n", "var_v", "var_u",
                   "n_eff", "ks_p", "ks_p_fit", "slope_v", "slope_u", "channels")
 

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Sequence
 import pandas as pd
 
 from ..errors import BnprobeError
+from ..layout import CONFIG, METRICS
 from . import _style
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_METRICS = ("train_loss", "train_eval_loss", "val_loss")
-METRICS_CSV = "metrics.csv"
-CONFIG_JSON = "config.json"
 _NAMES = {
     "train_loss": "training loss (training mode, running average)",
     "train_eval_loss": "training loss (evaluation mode)",
@@ -38,9 +37,9 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     run = Path(run_dir)
     if not run.is_dir():
         raise BnprobeError(f"run folder not found: {run}")
-    path = run / METRICS_CSV
+    path = run / METRICS
     if not path.is_file():
-        raise BnprobeError(f"{run} has no {METRICS_CSV} (not a bnprobe train run, or no epoch finished)")
+        raise BnprobeError(f"{run} has no {METRICS} (not a bnprobe train run, or no epoch finished)")
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as exc:
@@ -55,7 +54,7 @@ def run_label(run_dir: str | Path) -> str:
     run = Path(run_dir)
     name = run.resolve().name or str(run)
     try:
-        norm = json.loads((run / CONFIG_JSON).read_text(encoding="utf-8"))["config"]["norm"]
+        norm = json.loads((run / CONFIG).read_text(encoding="utf-8"))["config"]["norm"]
     except (OSError, ValueError, KeyError, TypeError):
         return name
     return name if norm == name else f"{name} ({norm})"

@@ -10,19 +10,20 @@ from matplotlib.figure import Figure
 
 from ..errors import BnprobeError
 from ..evaluation.labels import evaluation_label
+from ..layout import COVERAGE, EVALUATION, ROBUSTNESS, evaluation_dir
 from ._style import finish, new_figure, run_colors, style
 
 
 def _evaluation_dir(run: str | Path) -> Path:
     run = Path(run)
-    return run / "evaluation" if (run / "evaluation").is_dir() else run
+    return evaluation_dir(run) if evaluation_dir(run).is_dir() else run
 
 
 def _label(folder: Path, with_mc: bool) -> str:
     import json
 
     try:
-        return evaluation_label(json.loads((folder / "metrics.json").read_text()), with_mc)
+        return evaluation_label(json.loads((folder / EVALUATION).read_text()), with_mc)
     except (OSError, ValueError):
         return folder.parent.name
 
@@ -63,7 +64,7 @@ def plot_coverage(runs: Sequence[str | Path], method: str = "single", out: str |
         out: Where to save the PNG.
         pdf: Also save a PDF.
     """
-    tables = _read(runs, "coverage.csv", with_mc=method != "single")
+    tables = _read(runs, COVERAGE, with_mc=method != "single")
     with style():
         fig, axes = new_figure(1, 2, width=4.6, height=3.6, sharey=True)
         colors = run_colors(len(tables))
@@ -85,7 +86,7 @@ def plot_coverage(runs: Sequence[str | Path], method: str = "single", out: str |
 
 def plot_robustness(runs: Sequence[str | Path], out: str | Path | None = None, pdf: bool = False) -> Figure:
     """Accuracy against Gaussian input noise and against FGSM strength, runs overlaid."""
-    tables = _read(runs, "robustness.csv")
+    tables = _read(runs, ROBUSTNESS)
     with style():
         fig, axes = new_figure(1, 2, width=4.6, height=3.6, sharey=True)
         colors = run_colors(len(tables))

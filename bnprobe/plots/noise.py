@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 import numpy as np
 
 from ..errors import BnprobeError
+from ..layout import FITTED, METRICS
+from ..noise.spec import NoiseSpec
 from . import _style
 
 if TYPE_CHECKING:
@@ -16,10 +18,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ..measure.measurements import Measurements
-    from ..measure.noise_spec import NoiseSpec
 
-NoiseSource = Union["NoiseSpec", "Measurements", str, Path]
-FITTED_JSON = "fitted.json"
+NoiseSource = Union[NoiseSpec, "Measurements", str, Path]
 
 
 def load_noise(source: NoiseSource, batch_size: int | None = None) -> NoiseSpec:
@@ -40,7 +40,6 @@ def load_noise(source: NoiseSource, batch_size: int | None = None) -> NoiseSpec:
             available.
     """
     from ..measure.measurements import Measurements
-    from ..measure.noise_spec import NoiseSpec
 
     if isinstance(source, NoiseSpec):
         spec = source
@@ -49,9 +48,9 @@ def load_noise(source: NoiseSource, batch_size: int | None = None) -> NoiseSpec:
     else:
         path = Path(source)
         if path.is_dir():
-            if not (path / FITTED_JSON).is_file():
+            if not (path / FITTED).is_file():
                 return _fit(Measurements.load(path), batch_size)
-            path = path / FITTED_JSON
+            path = path / FITTED
         elif not path.exists():
             raise BnprobeError(f"noise file or measurements folder not found: {path} "
                                "(run bnprobe measure or bnprobe fit first)")
@@ -149,9 +148,7 @@ def _sigma_columns(table: Any) -> list[str]:
 
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` is a training run folder (it has a metrics.csv)."""
-    from .curves import METRICS_CSV
-
-    return Path(path).is_dir() and (Path(path) / METRICS_CSV).is_file()
+    return Path(path).is_dir() and (Path(path) / METRICS).is_file()
 
 
 def plot_noise_trajectory(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,

@@ -9,6 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.batches import DeviceImages
+from ..noise.mc import mc_log_probs
+from ..noise.samplers import InjectedNoise
 
 
 @torch.no_grad()
@@ -62,27 +64,27 @@ def mc_loss_and_accuracy(
     generator: torch.Generator | None = None,
     batch_size: int = 500,
 ) -> tuple[float, float]:
-    """Monte-Carlo NLL and accuracy: eval mode with the noise on, probabilities averaged.
+    """Monte-Carlo NLL and accuracy of a model with noise modules (its injected noise on).
 
-    Each batch goes ``n_samples`` times through the model inside
-    :func:`bnprobe.norms.inject.mc_mode`; the predictive distribution is the mean of the
-    sampled class probabilities. The model's flags and generators are restored.
+    The Monte Carlo loop of ``evaluate`` (:func:`bnprobe.noise.mc.mc_log_probs` with the
+    :class:`~bnprobe.noise.samplers.InjectedNoise` sampler): the predictive distribution is
+    the mean of the sampled class probabilities. The model's flags and generators are restored.
 
     Args:
         model: A model with noise modules.
         images: The set.
-        n_samples: Forward passes per batch.
+        n_samples: Forward passes over the set.
         generator: Generator of the noise draws (None: the modules' own).
         batch_size: Evaluation batch size.
 
     Returns:
         ``(loss, accuracy)``; ``(nan, nan)`` for an empty set.
     """
-    from ..evaluation.mc import mc_average
-    from ..norms.inject import mc_mode
+    if len(images) == 0:
+        return float("nan"), float("nan")
 
-    def log_probs(x: torch.Tensor) -> torch.Tensor:
-        return mc_average(torch.stack([F.log_softmax(model(x), dim=1) for _ in range(n_samples)]))
+    def inputs():
+        return (x for x, _ in images.iterate(batch_size))
 
-    with mc_mode(model, generator):
-        return _nll_and_accuracy(model, images.iterate(batch_size), len(images), log_probs)
+    logp = mc_log_probs(model, inputs, InjectedNoise(generator), [n_samples])[n_samples]
+    return _nll_and_accuracy(model, [(logp, images.labels)], len(images), lambda lp: lp)

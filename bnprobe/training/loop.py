@@ -16,10 +16,11 @@ from ..checkpoint import open_checkpoint, save_checkpoint
 from ..data import DataSpec, ImageData, load_dataset, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write_json
+from ..layers import BN_TYPES
+from ..layout import CHECKPOINT, CONFIG, METRICS
 from ..measure import recalibrate
-from ..measure._layers import BN_TYPES
 from ..models import build_model
-from ..norms.inject import (
+from ..noise.network import (
     kl_total,
     learned_noise_parameters,
     noise_modules,
@@ -30,7 +31,7 @@ from ..options import resolve_device
 from .config import TrainConfig, lr_at, lr_factor
 from .evaluate import loss_and_accuracy, mc_loss_and_accuracy
 from .lr_auto import search_learning_rate
-from .run_files import CHECKPOINT, CONFIG, METRICS, write_metrics_csv
+from .run_files import write_metrics_csv
 from .setup import initialize_model, make_optimizer, noise_lr, run_arch_kwargs, step_hooks
 from .steps import RunGenerators, train_epoch, training_batches
 

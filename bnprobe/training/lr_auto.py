@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import Splits
 from ..lr_search import search_lr
-from ..norms.inject import set_noise_generator
+from ..noise.network import set_noise_generator
 from ..options import Optimizer
 from .config import TrainConfig
 from .evaluate import loss_and_accuracy

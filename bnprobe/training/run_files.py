@@ -1,4 +1,4 @@
-"""The files of a run directory: config.json, checkpoint.pt, metrics.csv."""
+"""Writing the per-epoch metrics.csv of a run directory (file names: :mod:`bnprobe.layout`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CHECKPOINT_FILE
 from ..io import atomic_write_text
-
-CONFIG = "config.json"
-CHECKPOINT = CHECKPOINT_FILE
-METRICS = "metrics.csv"
 
 
 def write_metrics_csv(path: str | Path, history: list[dict[str, Any]]) -> None:

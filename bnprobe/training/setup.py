@@ -10,14 +10,14 @@ from torch import nn
 from ..data import DataSpec, Splits
 from ..models import default_arch_kwargs
 from ..models.allcnn import layer_channels
-from ..norms.init import DDI_BATCH, data_dependent_init_, init_input_moments_
-from ..norms.inject import (
+from ..noise.network import (
     check_noise_layers,
     kl_total,
     learned_noise_parameters,
     noise_kwargs_from_spec,
     set_relative_sigma_,
 )
+from ..norms.init import DDI_BATCH, data_dependent_init_, init_input_moments_
 from ..norms.projection import param_groups_no_decay, project_scale_invariant_
 from ..options import NOISE_ADAM_LR, LearnNoise, Norm, Optimizer
 from .config import TrainConfig
@@ -143,7 +143,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> TrainOpt
 
     With projection the scale-invariant weights (``no_decay``) get no weight decay. The
     parameters of learned noise (``u`` and ``s``, see
-    :func:`bnprobe.norms.inject.learned_noise_parameters`) form the ``noise`` group: no
+    :func:`bnprobe.noise.network.learned_noise_parameters`) form the ``noise`` group: no
     weight decay, rate :func:`noise_lr`, optimizer ``config.noise_optimizer``; when that
     differs from ``config.optimizer`` the result is an :class:`OptimizerChain`. Every group
     records its initial rate as ``initial_lr``; training's schedule multiplies the rate of

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bnprobe.measure._layers import channel_moments
+from bnprobe.layers import channel_moments
 
 
 @pytest.mark.parametrize("shape,offset", [((16, 5, 9, 9), 0.0), ((64, 3, 32, 32), 50.0), ((7, 4), 2.0),

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from bnprobe.errors import BnprobeError
-from bnprobe.measure import NoiseSpec, fit_noise, measure
+from bnprobe.measure import fit_noise, measure
 from bnprobe.models import AllCNN
+from bnprobe.noise import NoiseSpec
 
 
 @pytest.fixture(scope="module")

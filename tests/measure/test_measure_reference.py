@@ -204,8 +204,8 @@ def test_joint_mode_is_unbiased_at_the_first_layer(stale_net):
 
 
 def test_recalibrated_buffers_predict_as_well_as_mcbn(stale_net):
-    from bnprobe.evaluation.stochastic import mcbn
     from bnprobe.measure.recalibrate import recalibrate
+    from bnprobe.noise import MCBN
 
     model, splits = stale_net
     model = copy.deepcopy(model)
@@ -218,7 +218,7 @@ def test_recalibrated_buffers_predict_as_well_as_mcbn(stale_net):
         def batch():
             return splits.train.batch(torch.randperm(len(splits.train), generator=g)[:32])[0]
 
-        with mcbn(model, batch) as draw:
+        with MCBN(batch).sampling(model) as draw:
             for _ in range(30):
                 draw()
                 probs = probs + model(x).exp()

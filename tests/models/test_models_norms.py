@@ -11,9 +11,10 @@ from torch import nn
 from bnprobe.errors import BnprobeError
 from bnprobe.models import AllCNN
 from bnprobe.models.allcnn import layer_channels
+from bnprobe.noise import InjectedNoise
+from bnprobe.noise.modules import FixedNoise, LearnedNoise
+from bnprobe.noise.network import learned_noise_modules, noise_modules, set_noise_generator
 from bnprobe.norms.an import ANConv2d, InputMoments
-from bnprobe.norms.inject import learned_noise_modules, mc_mode, noise_modules, set_noise_generator
-from bnprobe.norms.noise import FixedNoise, LearnedNoise
 from bnprobe.norms.projection import project_scale_invariant_, scale_invariant_weights
 from bnprobe.norms.wn import WNConv2d
 
@@ -132,7 +133,7 @@ def test_fixed_noise_in_the_model_has_the_requested_channel_std(norm):
 
 @pytest.mark.parametrize("norm,kw", [("bn", {}), ("wn", {"noise": _noise()}), ("an", {"noise": _noise()}),
                                      ("an", {"learn_noise": "layer"}), ("bn", {"learn_noise": "channel"})])
-def test_eval_is_deterministic_and_mc_mode_samples(norm, kw):
+def test_eval_is_deterministic_and_injected_noise_samples(norm, kw):
     model = _model(norm, **kw)
     x = _x()
     model(x)  # BN: update the running statistics once
@@ -141,7 +142,7 @@ def test_eval_is_deterministic_and_mc_mode_samples(norm, kw):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     if norm == "bn" and not kw:
         return
-    with mc_mode(model, torch.Generator().manual_seed(0)):
+    with InjectedNoise(torch.Generator().manual_seed(0)).sampling(model):
         assert all(m.mc for m in noise_modules(model))
         c, d = model(x), model(x)
     assert not torch.allclose(c, d) and not torch.allclose(c, a)

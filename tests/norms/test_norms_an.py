@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnprobe.noise.modules import LearnedNoise
 from bnprobe.norms.an import (
     ANConv2d,
     InputMoments,
@@ -16,7 +17,6 @@ from bnprobe.norms.an import (
     propagate_sequence,
 )
 from bnprobe.norms.moments import conv_moments, leaky_relu_moments
-from bnprobe.norms.noise import LearnedNoise
 
 DT = torch.float64
 

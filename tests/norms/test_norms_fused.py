@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnprobe.noise.modules import FixedNoise, LearnedNoise
 from bnprobe.norms.an import ANConv2d
 from bnprobe.norms.bn import NoisyBatchNorm2d
-from bnprobe.norms.noise import FixedNoise, LearnedNoise
 from bnprobe.norms.wn import WNConv2d
 
 DT = torch.float64

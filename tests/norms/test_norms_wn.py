@@ -7,7 +7,7 @@ import pickle
 import torch
 import torch.nn.functional as F
 
-from bnprobe.norms.noise import FixedNoise
+from bnprobe.noise.modules import FixedNoise
 from bnprobe.norms.wn import WNConv2d, WNLinear
 
 

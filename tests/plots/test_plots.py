@@ -6,7 +6,8 @@ import pytest
 from scipy import stats
 
 from bnprobe.errors import BnprobeError
-from bnprobe.measure import Measurements, NoiseSpec, fit_noise
+from bnprobe.measure import Measurements, fit_noise
+from bnprobe.noise import NoiseSpec
 from bnprobe.plots import (
     figure_paths,
     plot_batch_scaling,

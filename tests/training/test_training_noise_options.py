@@ -11,7 +11,7 @@ from bnprobe.checkpoint import open_checkpoint
 from bnprobe.errors import BnprobeError
 from bnprobe.models import build_model
 from bnprobe.models.allcnn import layer_channels
-from bnprobe.norms.inject import learned_noise_modules, learned_noise_parameters, relative_sigmas
+from bnprobe.noise.network import learned_noise_modules, learned_noise_parameters, relative_sigmas
 from bnprobe.norms.projection import scale_invariant_weights
 from bnprobe.options import NOISE_ADAM_LR
 from bnprobe.training import TrainConfig, train

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnprobe.norms.inject import learned_noise_parameters
-from bnprobe.norms.noise import LearnedNoise
+from bnprobe.noise.modules import LearnedNoise
+from bnprobe.noise.network import learned_noise_parameters
 from bnprobe.training import TrainConfig
 from bnprobe.training.config import lr_factor
 from bnprobe.training.setup import NOISE_GROUP, make_optimizer, step_hooks

@@ -14,9 +14,9 @@ from bnprobe.errors import BnprobeError
 from bnprobe.lr_search import choose
 from bnprobe.models import build_model
 from bnprobe.models.allcnn import layer_channels
+from bnprobe.noise.network import kl_total
 from bnprobe.norms.an import InputMoments, dataset_channel_moments
 from bnprobe.norms.init import data_dependent_init_
-from bnprobe.norms.inject import kl_total
 from bnprobe.norms.projection import scale_invariant_weights
 from bnprobe.training import TrainConfig, train
 from bnprobe.training.setup import step_hooks

@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from bnprobe.norms.noise import (
-    ChannelAffine,
-    FixedNoise,
-    LearnedNoise,
-    apply_fixed_noise,
-    sigma_param,
-    sigma_param_inverse,
-)
+from bnprobe.noise.functional import fixed_noise, sigma_param, sigma_param_inverse
+from bnprobe.noise.modules import FixedNoise, LearnedNoise
+from bnprobe.norms import ChannelAffine
 
 DT = torch.float64
 
@@ -79,17 +74,18 @@ def test_fixed_noise_eval_identity_mc_and_reproducible():
         FixedNoise(3, sigma_v=[0.1, 0.2])
 
 
-def test_apply_fixed_noise_matches_formula():
+def test_fixed_noise_matches_formula():
     x = torch.randn(4, 3, 2, 2, generator=_gen(10), dtype=DT)
-    y = apply_fixed_noise(x, 0.3, torch.tensor([0.1, 0.2, 0.3], dtype=DT), _gen(11))
+    y = fixed_noise(x, 0.3, torch.tensor([0.1, 0.2, 0.3], dtype=DT), generator=_gen(11))
     g = _gen(11)
     v = torch.randn(4, 3, 1, 1, generator=g, dtype=DT) * 0.3
     u = 1 + torch.randn(4, 3, 1, 1, generator=g, dtype=DT) * torch.tensor(
         [0.1, 0.2, 0.3], dtype=DT
     ).reshape(1, 3, 1, 1)
     torch.testing.assert_close(y, (x + v) * u)
-    flat = apply_fixed_noise(torch.zeros(5, 3), 1.0, 0.0, _gen(12))  # (N, C) input
+    flat = fixed_noise(torch.zeros(5, 3), 1.0, 0.0, generator=_gen(12))  # (N, C) input
     assert flat.shape == (5, 3) and flat.abs().min() > 0
+    assert fixed_noise(x, 0.3, 0.3, training=False) is x  # the eval-mode map is the identity
 
 
 def test_sigma_param_values_and_derivatives():

@@ -12,18 +12,18 @@ the initial ``sigma_S`` (``sigma_u`` times ``scale``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import BnprobeError
 from ..options import LearnNoise, NoiseGranularity
-from .block import ConvNorm
-from .noise import FixedNoise, LearnedNoise, sigma_param_inverse
+from .functional import sigma_param_inverse
+from .modules import FixedNoise, LearnedNoise, NoiseModule
+from .spec import NoiseSpec
 
 __all__ = [
     "DEFAULT_LEARNED_SIGMA",
@@ -32,10 +32,8 @@ __all__ = [
     "kl_total",
     "learned_noise_modules",
     "learned_noise_parameters",
-    "mc_mode",
     "noise_kwargs_from_spec",
     "noise_modules",
-    "normalized_blocks",
     "relative_sigmas",
     "set_noise_generator",
     "set_relative_sigma_",
@@ -46,8 +44,6 @@ DEFAULT_LEARNED_SIGMA = 0.05
 #: Fitted sigma_u below this start learned noise at this value (sigma_S must be positive).
 MIN_LEARNED_SIGMA = 1e-4
 
-NOISE_TYPES = (FixedNoise, LearnedNoise)
-
 
 def noise_kwargs_from_spec(
     spec: Any, granularity: str | NoiseGranularity = "layer", scale: float = 1.0
@@ -55,7 +51,7 @@ def noise_kwargs_from_spec(
     """Model arguments for the noise of a ``NoiseSpec`` (or the path of a fitted.json).
 
     Args:
-        spec: A :class:`bnprobe.measure.noise_spec.NoiseSpec` or a path to load one from.
+        spec: A :class:`~bnprobe.noise.spec.NoiseSpec` or a path to load one from.
         granularity: ``layer`` (one sigma per layer) or ``channel``.
         scale: Factor applied to the sigmas when the noise is used (``--noise-scale``).
 
@@ -66,8 +62,6 @@ def noise_kwargs_from_spec(
         BnprobeError: For a missing or invalid file, or a bad scale.
     """
     if isinstance(spec, (str, Path)):
-        from ..measure.noise_spec import NoiseSpec
-
         spec = NoiseSpec.load(spec)
     kind = NoiseGranularity.parse(granularity, "noise granularity")
     if not (math.isfinite(scale) and scale >= 0):
@@ -161,20 +155,9 @@ def build_noise_modules(
     return modules
 
 
-def normalized_blocks(model: nn.Module) -> list[tuple[str, ConvNorm]]:
-    """The ``ConvNorm`` blocks of a model that normalize (all but ``none``), in order."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, ConvNorm) and not (
-            isinstance(module.conv, nn.Conv2d) and isinstance(module.norm, nn.Identity)
-        ):
-            out.append((name, module))
-    return out
-
-
 def noise_modules(model: nn.Module) -> list[nn.Module]:
-    """Every ``FixedNoise`` and ``LearnedNoise`` module of a model, in order."""
-    return [m for m in model.modules() if isinstance(m, NOISE_TYPES)]
+    """Every noise module (:class:`~bnprobe.noise.modules.NoiseModule`) of a model, in order."""
+    return [m for m in model.modules() if isinstance(m, NoiseModule)]
 
 
 def learned_noise_modules(model: nn.Module) -> list[LearnedNoise]:
@@ -239,33 +222,3 @@ def set_noise_generator(
     for m in modules:
         m.generator = generator
     return previous
-
-
-@contextlib.contextmanager
-def mc_mode(model: nn.Module, generator: Optional[torch.Generator] = None) -> Iterator[nn.Module]:
-    """Monte-Carlo prediction: noise modules draw noise also in eval mode.
-
-    Sets ``.mc = True`` on every noise module (and, when given, makes them draw from
-    ``generator``); both are restored on exit. Use with ``model.eval()`` and
-    :func:`bnprobe.evaluation.mc_predict` (``enable_mc=mc_mode``).
-
-    Args:
-        model: The model.
-        generator: Optional generator for the draws.
-
-    Yields:
-        The model.
-    """
-    modules = noise_modules(model)
-    flags = [m.mc for m in modules]
-    generators = [m.generator for m in modules]
-    try:
-        for m in modules:
-            m.mc = True
-            if generator is not None:
-                m.generator = generator
-        yield model
-    finally:
-        for m, flag, gen in zip(modules, flags, generators):
-            m.mc = flag
-            m.generator = gen

@@ -1,4 +1,4 @@
-"""Finding BatchNorm layers and saving/restoring every bit of model state we touch."""
+"""BatchNorm layers, the model state bnprobe touches (restored on exit), hooks, channel moments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import BnprobeError
+from .errors import BnprobeError
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
