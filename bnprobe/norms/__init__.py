@@ -7,7 +7,6 @@ from typing import Optional
 from torch import nn
 
 from ..errors import BnprobeError
-from ..noise import FixedNoise, LearnedNoise
 from ..options import Norm
 from .an import ANConv2d, InputMoments
 from .block import ChannelAffine, ConvNorm
@@ -18,9 +17,7 @@ __all__ = [
     "ANConv2d",
     "ChannelAffine",
     "ConvNorm",
-    "FixedNoise",
     "InputMoments",
-    "LearnedNoise",
     "NoisyBatchNorm2d",
     "WNConv2d",
     "make_conv_norm",
