@@ -100,6 +100,13 @@ def echo(message: str = "") -> None:
     click.echo(message)
 
 
+def _leave_process_group() -> None:
+    """Leave the torchrun process group, if a command joined one (torch is not imported here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     """Run a command body: user errors become one line and exit 2 (traceback with --debug)."""
     def debug() -> bool:  # read late: the group callback sets it during the call
@@ -129,3 +136,5 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
         click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
                    "(rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+    finally:
+        _leave_process_group()

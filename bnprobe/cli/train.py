@@ -85,6 +85,9 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
             click.option("--precise-bn-size", type=click.IntRange(min=1), default=10000, show_default=True,
                          help="Training images (a seeded subset) for --precise-bn; about one extra "
                               "forward pass over them per epoch."),
+            click.option("--sync-bn", is_flag=True,
+                         help="Under torchrun: BN normalizes by the global batch of all processes "
+                              "(SyncBN); without it each process normalizes its own --batch-size."),
             _noise_options,
             click.option("--epochs", type=int, default=10, show_default=True),
             click.option("--lr", default=None,
@@ -102,7 +105,9 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
                          help="The learning rate falls tenfold every E epochs (lr * 0.1^(epoch/E)). "
                               "Default: --epochs minus 1, so the last epoch runs at lr/10; "
                               "--resume keeps the run's recorded value."),
-            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--batch-size", type=int, default=32, show_default=True,
+                         help="Images per step and process (under torchrun the global batch is "
+                              "this times the number of processes)."),
             click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov) or adam."),
             click.option("--weight-decay", type=float, default=0.0, show_default=True),
             click.option("--limit-train", type=int, default=None,
@@ -118,7 +123,11 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
 
 
 def report(result: Any) -> None:
-    """Print where the run went and its last validation accuracy."""
+    """Print where the run went and its last validation accuracy (process 0 of torchrun only)."""
+    from ..distributed import world
+
+    if not world().is_main:
+        return
     last = result.history[-1] if result.history else {}
     extra = f", lr {result.config.lr:.4g} (searched)" if result.config and result.config.lr_auto else ""
     echo(f"wrote {result.run_dir}/checkpoint.pt  (val acc {last.get('val_acc', float('nan')):.4f}{extra})")

@@ -21,7 +21,7 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
 
     Args:
         num_features: Channels.
-        noise: The noise module applied to the normalized activations.
+        noise: The noise module applied to the normalized activations (None: none).
         eps: Added to the variance.
         momentum: Running-statistics momentum (None: cumulative average).
     """
@@ -29,7 +29,7 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
     def __init__(
         self,
         num_features: int,
-        noise: nn.Module,
+        noise: Optional[nn.Module],
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
     ) -> None:

@@ -44,6 +44,8 @@ class TrainConfig:
             BN buffers hold the sequential population statistics (see
             :func:`bnprobe.measure.recalibrate`), not the running averages.
         precise_bn_size: Training images (a seeded subset) for ``precise_bn``; None: all.
+        sync_bn: Under torchrun, BN normalizes by the statistics of the global batch (all
+            processes); without it each process normalizes its own batch (bn only).
         noise: fitted.json whose noise is injected after every normalization (or whose
             sigma_u initializes learned noise).
         noise_granularity: ``layer`` or ``channel`` sigmas from the noise file.
@@ -97,6 +99,7 @@ class TrainConfig:
     data_init: bool = True
     precise_bn: bool = True
     precise_bn_size: int | None = 10000
+    sync_bn: bool = False
     noise: str | None = None
     noise_granularity: str = NoiseGranularity.LAYER.value
     noise_scale: float = 1.0
@@ -213,6 +216,8 @@ class TrainConfig:
         if self.arch != "allcnn" and (norm in (Norm.WN, Norm.AN) or self.has_noise):
             raise BnprobeError(f"--norm {self.norm} and noise are available for --arch allcnn only, "
                                f"not {self.arch}")
+        if self.sync_bn and norm is not Norm.BN:
+            raise BnprobeError(f"--sync-bn needs --norm bn, got --norm {self.norm}")
         if self.norm_batch is not None:
             if norm is not Norm.BN:
                 raise BnprobeError(f"--norm-batch needs --norm bn, got --norm {self.norm}")

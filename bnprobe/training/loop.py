@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import distributed
 from .._version import __version__
 from ..checkpoint import open_checkpoint, save_checkpoint
 from ..data import DataSpec, ImageData, load_dataset, make_splits
@@ -27,7 +28,7 @@ from ..noise.network import (
     relative_sigmas,
     set_noise_generator,
 )
-from ..options import resolve_device
+from ..norms.syncbn import convert_sync_batchnorm
 from .config import TrainConfig, lr_at, lr_factor
 from .evaluate import loss_and_accuracy, mc_loss_and_accuracy
 from .lr_auto import search_learning_rate
@@ -77,6 +78,23 @@ def _check_resume(config: TrainConfig, previous: Any, ckpt_path: Path) -> None:
         raise BnprobeError(f"cannot resume with changed options: {', '.join(diff)}")
 
 
+def _check_world(payload: dict[str, Any], world: distributed.World, ckpt_path: Path) -> None:
+    """A run resumes with the number of processes it was started with."""
+    before = int(payload.get("world_size", 1))
+    if before != world.size:
+        how = "one process" if before == 1 else f"torchrun --nproc-per-node {before} (or the same total)"
+        raise BnprobeError(f"cannot resume {ckpt_path}: it was trained by {before} process(es), this run "
+                           f"has {world.size}; resume with {how}")
+
+
+def _reduced_epoch_loss(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float]:
+    """Training loss and accuracy of an epoch, summed over the processes of the run."""
+    total = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                    torch.tensor(float(seen), dtype=torch.float64,
+                                                                 device=loss_sum.device)]))
+    return total[0].item() / total[2].item(), total[1].item() / total[2].item()
+
+
 def _load_optimizer_state(optimizer: Any, state: Any, ckpt_path: Path) -> None:
     try:
         optimizer.load_state_dict(state)
@@ -107,6 +125,14 @@ def _precise_bn(model: nn.Module, config: TrainConfig, splits: Any, device: torc
                        generator=gen, device=device)
 
 
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped in DistributedDataParallel (parameters and buffers from process 0)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
 def _diverged_message(loss: float, epoch: int, lr: float, run_dir: Path) -> str:
     """What a divergent epoch leaves behind: the checkpoint of the previous epoch, or none."""
     if epoch > 0:
@@ -128,7 +154,14 @@ def train(
 
     The checkpoint and metrics are written atomically after every epoch. With ``resume``, an
     interrupted run continues from its last checkpoint and ends with the same weights as an
-    uninterrupted run. A fresh run first initializes from the data (AN input moments,
+    uninterrupted run.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the model trains with DistributedDataParallel, one
+    process per device: ``batch_size`` is per process, each process takes its shard of every
+    global batch, ``sync_bn`` makes BN use the global batch, noise is drawn independently per
+    process, the epoch metrics are summed over processes and only process 0 writes files.
+
+    A fresh run first initializes from the data (AN input moments,
     projection, data-dependent init; see :func:`bnprobe.training.setup.initialize_model`) and,
     with ``lr="auto"``, searches the learning rate from that initialization.
 
@@ -146,12 +179,14 @@ def train(
     config.validate()
     run_dir = Path(out)
     ckpt_path = run_dir / CHECKPOINT
-    log = log or (lambda _msg: None)
-    device = resolve_device(config.device)
+    world, device = distributed.setup(config.device)
+    log = log if (log is not None and world.is_main) else (lambda _msg: None)
+    progress = progress and world.is_main
     previous = None
     if resume:
         previous = open_checkpoint(ckpt_path, device=device)
         _check_resume(config, previous, ckpt_path)
+        _check_world(previous.payload, world, ckpt_path)
     elif ckpt_path.exists():
         raise BnprobeError(f"{run_dir} already holds a run; use --resume or another --out")
 
@@ -161,14 +196,17 @@ def train(
     subset_gen = torch.Generator().manual_seed(config.seed + 2)
     splits = make_splits(data, spec, device, config.limit_train, subset_gen)
     n_train = len(splits.train)
-    if n_train < max(config.batch_size, config.norm_batch or 0):
+    if n_train < max(config.batch_size * world.size, config.norm_batch or 0):
         raise BnprobeError(
             f"the training set has {n_train} images, fewer than --batch-size {config.batch_size}"
+            + (f" times {world.size} processes" if world.distributed else "")
             + (f" or --norm-batch {config.norm_batch}" if config.norm_batch else "")
         )
     arch_kwargs = previous.arch_kwargs if previous is not None else run_arch_kwargs(config, spec)
     model = build_model(config.arch, arch_kwargs, seed=config.seed).to(device)
-    gens = RunGenerators.from_seed(config.seed, device)
+    if config.sync_bn:
+        convert_sync_batchnorm(model)
+    gens = RunGenerators.from_seed(config.seed, device, world.rank)
     set_noise_generator(model, gens.noise)
     eval_gen = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
     eval_idx = torch.randperm(n_train, generator=eval_gen)[: config.eval_train_size]
@@ -181,7 +219,8 @@ def train(
             config.lr = config.default_lr
         initialize_model(model, config, splits)
         if config.lr_is_auto:
-            lr, trials = search_learning_rate(model, config, splits, eval_idx, log)
+            lr, trials = distributed.broadcast_object(
+                search_learning_rate(model, config, splits, eval_idx, log))
             config.lr, config.lr_auto = lr, True
             search = {"chosen_lr": lr, "steps": config.lr_search_steps,
                       "trials": [{"log10_lr": x, "loss": y} for x, y in trials]}
@@ -193,7 +232,7 @@ def train(
         payload = previous.payload
         model.load_state_dict(previous.model.state_dict())
         _load_optimizer_state(optimizer, payload["optimizer"], ckpt_path)
-        gens.load_state(payload["rng"])
+        gens.load_state(payload["rng_ranks"][world.rank] if "rng_ranks" in payload else payload["rng"])
         history = list(payload.get("history", []))
         start_epoch = int(payload["epoch"])
         search = payload.get("lr_search")
@@ -203,29 +242,36 @@ def train(
                      "data": spec.to_dict()}
     if search is not None:
         config_record["lr_search"] = search
-    atomic_write_json(run_dir / CONFIG, config_record)
+    if world.is_main:
+        atomic_write_json(run_dir / CONFIG, config_record)
+    if world.distributed:
+        log(f"{world.size} processes x batch {config.batch_size} = global batch "
+            f"{world.size * config.batch_size}; BN statistics over "
+            + ("the global batch (--sync-bn)" if config.sync_bn else f"each process's {config.batch_size}"))
+    net = _ddp(model, device) if world.distributed else model
 
     after_step, regularizer = step_hooks(model, config, n_train)
     has_noise = bool(noise_modules(model))
-    n_batches = n_train // config.batch_size
+    n_batches = n_train // (config.batch_size * world.size)
     for epoch in range(start_epoch, config.epochs):
         lr, factor = lr_at(config, epoch), lr_factor(config, epoch)
         for group in optimizer.param_groups:  # every group, learned noise too, by the same factor
             group["lr"] = group.get("initial_lr", float(config.lr)) * factor
         t0 = time.perf_counter()
         batches = training_batches(splits.train, config.batch_size, gens, config.augment,
-                                   config.norm_batch)
-        loss_sum, correct, seen = train_epoch(model, optimizer, batches, n_batches, progress,
+                                   config.norm_batch, world)
+        loss_sum, correct, seen = train_epoch(net, optimizer, batches, n_batches, progress,
                                               f"epoch {epoch + 1}/{config.epochs}", after_step,
                                               regularizer)
-        train_loss = loss_sum.item() / seen
+        train_loss, train_acc = _reduced_epoch_loss(loss_sum, correct, seen)
+        distributed.broadcast_buffers(model)  # every process evaluates process 0's model
         if not math.isfinite(train_loss):
             raise BnprobeError(_diverged_message(train_loss, epoch, lr, run_dir))
         seconds = time.perf_counter() - t0
         precise = _precise_bn(model, config, splits, device)
         eval_loss, eval_acc = loss_and_accuracy(model, splits.train, eval_idx)
         val_loss, val_acc = loss_and_accuracy(model, splits.val)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / seen,
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "train_eval_loss": eval_loss, "train_eval_acc": eval_acc, "val_loss": val_loss,
                "val_acc": val_acc, "val_loss_mean": val_loss, "seconds": seconds}
         if precise is not None:
@@ -237,18 +283,22 @@ def train(
                 model, splits.val, config.mc_samples, mc_gen)
         row.update(_epoch_noise_metrics(model, n_train, config.kl_weight))
         history.append(row)
+        rng = distributed.all_gather_objects(gens.state())
         payload = {
             "arch": {"name": config.arch, "kwargs": arch_kwargs},
             "state_dict": model.state_dict(), "data": spec.to_dict(), "config": config.to_dict(),
-            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "rng": gens.state(),
+            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "rng": rng[0],
             "history": history,
         }
+        if world.distributed:
+            payload["world_size"], payload["rng_ranks"] = world.size, rng
         if search is not None:
             payload["lr_search"] = search
         if precise is not None:
             payload["precise_bn"] = precise
-        save_checkpoint(ckpt_path, payload)
-        write_metrics_csv(run_dir / METRICS, history)
+        if world.is_main:
+            save_checkpoint(ckpt_path, payload)
+            write_metrics_csv(run_dir / METRICS, history)
         mc = f"  mc {row['val_loss_mc']:.4f}" if "val_loss_mc" in row else ""
         log(f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
             f"(eval mode {eval_loss:.4f})  val loss {val_loss:.4f}{mc} acc {val_acc:.4f}  {seconds:.1f}s")

@@ -10,10 +10,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.batches import DeviceImages
+from ..distributed import World
 from ..progress import progress_bar
 
 if TYPE_CHECKING:
     from .setup import TrainOptimizer
+
+
+#: Seed offset between the independent random streams of two processes of one run.
+RANK_SEED_STRIDE = 1000
 
 
 @dataclass
@@ -33,13 +38,20 @@ class RunGenerators:
     noise: torch.Generator
 
     @classmethod
-    def from_seed(cls, seed: int, device: torch.device) -> RunGenerators:
-        """Fresh generators for a run with this seed on this device."""
+    def from_seed(cls, seed: int, device: torch.device, rank: int = 0) -> RunGenerators:
+        """Fresh generators for a run with this seed on this device.
+
+        Under torchrun every process shares the data order (the global batches are split
+        between processes), while augmentation, extra samples and noise are drawn
+        independently per process: their seeds move by ``RANK_SEED_STRIDE * rank`` (process 0
+        draws what a single process draws).
+        """
+        step = RANK_SEED_STRIDE * rank
         return cls(
             order=torch.Generator().manual_seed(seed),
-            augment=torch.Generator(device=device).manual_seed(seed + 1),
-            extra=torch.Generator().manual_seed(seed + 3),
-            noise=torch.Generator(device=device).manual_seed(seed + 4),
+            augment=torch.Generator(device=device).manual_seed(seed + 1 + step),
+            extra=torch.Generator().manual_seed(seed + 3 + step),
+            noise=torch.Generator(device=device).manual_seed(seed + 4 + step),
         )
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -55,14 +67,35 @@ class RunGenerators:
                 gen.set_state(state[name].to(gen.get_state().device))
 
 
+def epoch_order(
+    n: int, batch_size: int, generator: torch.Generator, world: World | None = None
+) -> torch.Tensor:
+    """This process's training indices of one epoch, ``(steps, batch_size)``.
+
+    One permutation of the ``n`` images (the same in every process) is cut into global batches
+    of ``batch_size * world.size``; process ``r`` takes the ``r``-th block of ``batch_size`` of
+    each, so the processes' shards are disjoint and a global batch holds the images one process
+    with batch ``batch_size * world.size`` would see. An incomplete last global batch is
+    dropped, as a single process drops its incomplete last batch.
+    """
+    w = world or World()
+    order = torch.randperm(n, generator=generator)
+    steps = n // (batch_size * w.size)
+    return order[: steps * batch_size * w.size].view(steps, w.size, batch_size)[:, w.rank]
+
+
 def training_batches(
     images: DeviceImages,
     batch_size: int,
     generators: RunGenerators,
     augmented: bool,
     norm_batch: int | None = None,
+    world: World | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled training batches (incomplete last batch dropped).
+
+    Under torchrun (``world``) each process gets its shard of every global batch (see
+    :func:`epoch_order`); ``batch_size`` is per process.
 
     With ``norm_batch`` K, each batch's inputs are followed by ``K - batch_size`` other random
     training samples (never ones of the batch itself): the model sees all K, so BN computes
@@ -72,16 +105,14 @@ def training_batches(
     Yields:
         ``(x, y)`` with ``len(x) == K`` (or ``batch_size``) and ``len(y) == batch_size``.
     """
-    if norm_batch is None or norm_batch == batch_size:
-        yield from images.iterate(batch_size, shuffle=True, augmented=augmented,
-                                  generator=generators.order, aug_generator=generators.augment,
-                                  drop_last=True)
-        return
     n = len(images)
+    order = epoch_order(n, batch_size, generators.order, world)
+    if norm_batch is None or norm_batch == batch_size:
+        for idx in order:
+            yield images.batch(idx, augmented, generators.augment)
+        return
     extra = norm_batch - batch_size
-    order = torch.randperm(n, generator=generators.order)
-    for start in range(0, n - n % batch_size, batch_size):
-        idx = order[start : start + batch_size]
+    for idx in order:
         others = torch.ones(n, dtype=torch.bool)
         others[idx] = False
         pool = others.nonzero().squeeze(1)
