@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
-from .wn import _pair, _WNBase, affine_moments, normalized_conv2d
+from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
 __all__ = ["ANConv2d", "InputMoments", "dataset_channel_moments", "propagate_sequence"]
 
@@ -50,6 +50,7 @@ class ANConv2d(_WNBase):
         stride: Stride.
         padding: Zero padding (its border effect on the moments is ignored).
         dilation: Dilation.
+        groups: Convolution groups (the moments of each group's outputs come from its inputs).
         bias: Whether to learn the output bias ``b``.
         scale: Whether to learn the output scale ``s``.
         noise: Optional module applied to ``x_hat`` before the affine.
@@ -64,6 +65,7 @@ class ANConv2d(_WNBase):
         stride: _IntPair = 1,
         padding: _IntPair = 0,
         dilation: _IntPair = 1,
+        groups: int = 1,
         bias: bool = True,
         scale: bool = True,
         noise: Optional[nn.Module] = None,
@@ -76,8 +78,9 @@ class ANConv2d(_WNBase):
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
+        self.groups = _check_groups(in_channels, out_channels, groups)
         self.eps = float(eps)
-        self._init_params((out_channels, in_channels) + self.kernel_size, bias, scale, noise)
+        self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
         self._m_in: Optional[Tensor] = None
         self._v_in: Optional[Tensor] = None
         self.last_mu: Optional[Tensor] = None
@@ -115,7 +118,7 @@ class ANConv2d(_WNBase):
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
-        mu, var = conv_moments(self._m_in, self._v_in, self.weight)
+        mu, var = conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups)
         sigma = (var + self.eps).sqrt()
         self.last_mu, self.last_sigma = mu.detach(), sigma.detach()
         return mu, sigma
@@ -146,7 +149,7 @@ class ANConv2d(_WNBase):
         inv = 1.0 / sigma
         return normalized_conv2d(
             x, self.weight, inv, -mu * inv, self.scale, self.bias, self.noise,
-            self.stride, self.padding, self.dilation,
+            self.stride, self.padding, self.dilation, self.groups,
         )  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
@@ -162,7 +165,8 @@ class ANConv2d(_WNBase):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, scale={self.scale is not None}, eps={self.eps}"
+            f"groups={self.groups}, bias={self.bias is not None}, scale={self.scale is not None}, "
+            f"eps={self.eps}"
         )
 
 

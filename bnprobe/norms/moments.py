@@ -95,21 +95,23 @@ class _LeakyReluMoments(torch.autograd.Function):
 
 
 def conv_moments(
-    m: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+    m: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, groups: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Per-channel output moments of a convolution or linear map with independent inputs.
 
     ``mean[o] = sum_{c, kernel} W[o, c, ...] m[c] (+ bias[o])`` and
     ``var[o] = sum_{c, kernel} W[o, c, ...]^2 v[c]``. Zero padding is ignored: the result is
     exact for output positions whose receptive field lies inside the input (interior
-    positions); at the border the padded zeros would lower the mean and variance.
+    positions); at the border the padded zeros would lower the mean and variance. With
+    ``groups`` the sums run over the input channels of each output's group only.
 
     Args:
         m: Input channel means, shape ``(C_in,)`` or ``(..., C_in)``.
         v: Input channel variances, same shape as ``m``.
-        weight: Conv weight ``(C_out, C_in, *kernel)`` (``groups=1``) or linear weight
+        weight: Conv weight ``(C_out, C_in / groups, *kernel)`` or linear weight
             ``(C_out, C_in)``.
         bias: Optional bias ``(C_out,)`` added to the mean.
+        groups: Convolution groups.
 
     Returns:
         ``(mean, var)`` of shape ``(..., C_out)``.
@@ -119,16 +121,24 @@ def conv_moments(
     """
     if weight.dim() < 2:
         raise ValueError(f"conv_moments: weight must have at least 2 dims, got {weight.dim()}")
-    if weight.shape[1] != m.shape[-1] or v.shape[-1] != m.shape[-1]:
+    if weight.shape[1] * groups != m.shape[-1] or v.shape[-1] != m.shape[-1]:
         raise ValueError(
-            f"conv_moments: weight has {weight.shape[1]} input channels but moments have "
-            f"{m.shape[-1]} and {v.shape[-1]} (grouped convolutions are not supported)"
+            f"conv_moments: weight has {weight.shape[1]} input channels per group x {groups} "
+            f"groups but moments have {m.shape[-1]} and {v.shape[-1]}"
         )
     dims = tuple(range(2, weight.dim()))
     w_sum = weight.sum(dim=dims) if dims else weight
     w_sq = (weight * weight).sum(dim=dims) if dims else weight * weight
-    mean = m.to(device=weight.device, dtype=weight.dtype) @ w_sum.t()
-    var = v.to(device=weight.device, dtype=weight.dtype) @ w_sq.t()
+    m = m.to(device=weight.device, dtype=weight.dtype)
+    v = v.to(device=weight.device, dtype=weight.dtype)
+    if groups == 1:
+        mean, var = m @ w_sum.t(), v @ w_sq.t()
+    else:  # per group g: (..., g, C_in/g) x (g, C_out/g, C_in/g) -> (..., C_out)
+        lead, c_out = m.shape[:-1], weight.shape[0]
+        shape = (groups, c_out // groups, weight.shape[1])
+        mean = torch.einsum("...gi,goi->...go", m.reshape(lead + (groups, -1)), w_sum.reshape(shape))
+        var = torch.einsum("...gi,goi->...go", v.reshape(lead + (groups, -1)), w_sq.reshape(shape))
+        mean, var = mean.reshape(lead + (c_out,)), var.reshape(lead + (c_out,))
     if bias is not None:
         mean = mean + bias
     return mean, var
