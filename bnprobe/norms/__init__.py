@@ -9,18 +9,30 @@ from torch import nn
 from ..errors import BnprobeError
 from ..options import Norm
 from .an import ANConv2d, InputMoments
+from .an_network import ANNetwork
 from .block import ChannelAffine, ConvNorm
 from .bn import NoisyBatchNorm2d
-from .wn import WNConv2d
+from .convert import convert_bn_network
+from .standalone import ANNorm, FixedNorm
+from .tracing import bn_sites, normalized_channels, normalized_layers
+from .wn import WNConv2d, WNLinear
 
 __all__ = [
     "ANConv2d",
+    "ANNetwork",
+    "ANNorm",
     "ChannelAffine",
     "ConvNorm",
+    "FixedNorm",
     "InputMoments",
     "NoisyBatchNorm2d",
     "WNConv2d",
+    "WNLinear",
+    "bn_sites",
+    "convert_bn_network",
     "make_conv_norm",
+    "normalized_channels",
+    "normalized_layers",
 ]
 
 

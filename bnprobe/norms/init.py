@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from ..noise import LearnedNoise, sigma_param_inverse
 from .an import ANConv2d, InputMoments, dataset_channel_moments
 from .block import ConvNorm
-from .wn import WNConv2d
+from .standalone import FixedNorm
+from .wn import _WNBase
 
 __all__ = ["DDI_BATCH", "data_dependent_init_", "init_input_moments_"]
 
@@ -19,19 +20,20 @@ DDI_BATCH = 128
 
 
 def _ddi_target(block: nn.Module) -> bool:
+    if isinstance(block, _WNBase):  # WNConv2d, WNLinear (in a ConvNorm or not), not AN
+        return not isinstance(block, ANConv2d)
     if not isinstance(block, ConvNorm):
         return False
     conv = block.conv
-    if isinstance(conv, WNConv2d) and not isinstance(conv, ANConv2d):
-        return True
-    return isinstance(conv, nn.Conv2d) and conv.bias is not None and isinstance(block.norm, nn.Identity)
+    return (isinstance(conv, (nn.Conv2d, nn.Linear)) and conv.bias is not None
+            and isinstance(block.norm, nn.Identity))
 
 
-def _standardize_(block: ConvNorm, mean: Tensor, std: Tensor) -> None:
+def _standardize_(block: nn.Module, mean: Tensor, std: Tensor) -> None:
     """Change the block's output ``y`` to ``(y - mean) / std`` by adjusting its parameters."""
-    conv = block.conv
-    if isinstance(conv, nn.Conv2d):  # none: y = w.x + c
-        conv.weight.div_(std.reshape(-1, 1, 1, 1))
+    conv = block.conv if isinstance(block, ConvNorm) else block
+    if isinstance(conv, (nn.Conv2d, nn.Linear)):  # none: y = w.x + c
+        conv.weight.div_(std.reshape((-1,) + (1,) * (conv.weight.dim() - 1)))
         conv.bias.sub_(mean).div_(std)
         return
     if conv.scale is not None:  # wn: y = x_hat * s + b (noise off)
@@ -56,13 +58,16 @@ def data_dependent_init_(model: nn.Module, x: Tensor, eps: float = 1e-5) -> int:
     """Data-dependent init of the affine of ``none`` and ``wn`` layers (a BN pass at lr 0).
 
     One forward pass over ``x`` (e.g. 128 training images) in evaluation mode (noise off).
-    Each conv block with a plain biased conv (``none``) or a ``WNConv2d`` (``wn``) gets the
-    scale and bias that BN would apply in that pass: its output ``y`` is replaced by
-    ``(y - mean) / sqrt(var + eps)`` with the batch statistics per channel, so later layers
-    see standardized inputs (Salimans & Kingma 2016). For ``none`` the conv weight and bias
-    are rescaled; for ``wn`` the scale ``s`` and bias ``b`` (or a ``LearnedNoise``'s ``s``,
-    ``b`` and ``sigma_S``, keeping ``sigma_S / s``). BN and AN layers are left alone. The
-    model's training flags are restored.
+    Each ``ConvNorm`` block with a plain biased conv/linear (``none``) and each ``WNConv2d``
+    or ``WNLinear`` (``wn``) gets the scale and bias that BN would apply in that pass: its
+    output ``y`` is replaced by ``(y - mean) / sqrt(var + eps)`` with the batch statistics per
+    channel, so later layers see standardized inputs (Salimans & Kingma 2016). For ``none``
+    the conv weight and bias are rescaled; for ``wn`` the scale ``s`` and bias ``b`` (or a
+    ``LearnedNoise``'s ``s``, ``b`` and ``sigma_S``, keeping ``sigma_S / s``). Each
+    :class:`~bnprobe.norms.standalone.FixedNorm` (a converted BN without a conv of its own)
+    takes the batch statistics of its input as its ``mean`` and ``var``, like BN in that
+    pass (its affine is kept). BN and AN layers are left alone. The model's training flags
+    are restored.
 
     Args:
         model: The model.
@@ -73,7 +78,8 @@ def data_dependent_init_(model: nn.Module, x: Tensor, eps: float = 1e-5) -> int:
         The number of initialized layers.
     """
     blocks = [m for m in model.modules() if _ddi_target(m)]
-    if not blocks:
+    fixed = [m for m in model.modules() if isinstance(m, FixedNorm)]
+    if not blocks and not fixed:
         return 0
     flags = {m: m.training for m in model.modules()}
 
@@ -85,7 +91,13 @@ def data_dependent_init_(model: nn.Module, x: Tensor, eps: float = 1e-5) -> int:
         shape = (1, -1) + (1,) * (out.dim() - 2)
         return (out - mean.reshape(shape)) / std.reshape(shape)
 
+    def pre_hook(layer: FixedNorm, inputs: tuple) -> None:
+        x_in = inputs[0]
+        dims = (0,) + tuple(range(2, x_in.dim()))
+        layer.set_statistics_(x_in.mean(dim=dims), x_in.var(dim=dims, unbiased=False))
+
     handles = [b.register_forward_hook(hook) for b in blocks]
+    handles += [f.register_forward_pre_hook(pre_hook) for f in fixed]
     try:
         model.eval()
         model(x)
@@ -94,7 +106,7 @@ def data_dependent_init_(model: nn.Module, x: Tensor, eps: float = 1e-5) -> int:
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    return len(blocks)
+    return len(blocks) + len(fixed)
 
 
 @torch.no_grad()

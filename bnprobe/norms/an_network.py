@@ -1,0 +1,88 @@
+"""A converted network with analytic normalization: input moments propagated through its graph.
+
+:class:`ANNetwork` holds the converted network (``net``, the original module tree with its
+BN layers replaced, see :mod:`bnprobe.norms.convert`) and its :class:`InputMoments`. At the
+start of every forward it propagates the input moments through ``net``'s torch.fx graph with
+:func:`bnprobe.norms.an_graph.propagate_graph`, which stores in every AN layer the moments it
+normalizes by; then it runs ``net`` itself. The forward is ``net``'s own Python code, so
+flags read at run time (``self.training`` in dropout or stochastic depth) keep working; the
+graph (traced once, cached, sharing ``net``'s modules) serves the moment propagation only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+from torch import Tensor, fx, nn
+
+from ..errors import BnprobeError
+from .an import InputMoments
+from .tracing import trace
+
+__all__ = ["ANNetwork", "graph_propagation"]
+
+
+def graph_propagation() -> Callable[..., Any]:
+    """Return :func:`bnprobe.norms.an_graph.propagate_graph`.
+
+    Raises:
+        BnprobeError: When this installation has no ``bnprobe.norms.an_graph``.
+    """
+    try:
+        module = importlib.import_module("bnprobe.norms.an_graph")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bnprobe.norms.an_graph":
+            raise
+        raise BnprobeError("--norm an for converted networks needs bnprobe.norms.an_graph "
+                           "(moment propagation through a graph), which this installation lacks") from None
+    return module.propagate_graph
+
+
+class ANNetwork(nn.Module):
+    """``net`` with analytic normalization: moments of the input propagated before each forward.
+
+    The output is the same in training and evaluation mode (noise aside) and for any batch
+    size. ``input_moments`` (channel mean and variance of the normalized training inputs) are
+    filled by training (:func:`bnprobe.norms.init.init_input_moments_`) and saved in the
+    state_dict.
+
+    Args:
+        net: The converted network (its AN layers take moments from ``propagate``).
+        in_channels: Input image channels.
+    """
+
+    def __init__(self, net: nn.Module, in_channels: int) -> None:
+        super().__init__()
+        self.net = net
+        self.input_moments = InputMoments(in_channels)
+        self.__dict__["_graph"] = None
+
+    def graph(self) -> fx.GraphModule:
+        """``net`` traced with bnprobe's layers as leaves (cached; its modules are ``net``'s)."""
+        if self.__dict__.get("_graph") is None:
+            self.__dict__["_graph"] = trace(self.net)
+        return self.__dict__["_graph"]
+
+    def propagate(self, input_size: Optional[tuple[int, int]]) -> None:
+        """Propagate the input moments through the graph, storing them in every AN layer.
+
+        Args:
+            input_size: Spatial size ``(H, W)`` of the input.
+        """
+        m, v = self.input_moments()
+        graph_propagation()(self.graph(), m, v, input_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Propagate the input moments, then run ``net`` on ``x``."""
+        self.propagate((int(x.shape[-2]), int(x.shape[-1])))
+        return self.net(x)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ANNetwork:
+        self.__dict__["_graph"] = None  # re-traced on use: the graph holds its own attribute copies
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_graph"] = None
+        return state
