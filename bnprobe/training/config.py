@@ -213,9 +213,6 @@ class TrainConfig:
         if self.noise_scale != 1.0 and self.noise_init is not None:
             raise BnprobeError("--noise-init replaces the noise file's sigmas, so --noise-scale would have "
                                "no effect: give one of them")
-        if self.arch != "allcnn" and (norm in (Norm.WN, Norm.AN) or self.has_noise):
-            raise BnprobeError(f"--norm {self.norm} and noise are available for --arch allcnn only, "
-                               f"not {self.arch}")
         if self.sync_bn and norm is not Norm.BN:
             raise BnprobeError(f"--sync-bn needs --norm bn, got --norm {self.norm}")
         if self.norm_batch is not None:

@@ -9,14 +9,14 @@ from torch import nn
 
 from ..data import DataSpec, Splits
 from ..models import default_arch_kwargs
-from ..models.allcnn import layer_channels
+from ..models.registry import noise_layers
 from ..noise.network import (
-    check_noise_layers,
     kl_total,
     learned_noise_parameters,
     noise_kwargs_from_spec,
     set_relative_sigma_,
 )
+from ..norms.convert import align_noise
 from ..norms.init import DDI_BATCH, data_dependent_init_, init_input_moments_
 from ..norms.projection import param_groups_no_decay, project_scale_invariant_
 from ..options import NOISE_ADAM_LR, LearnNoise, Norm, Optimizer
@@ -31,20 +31,18 @@ def run_arch_kwargs(config: TrainConfig, spec: DataSpec) -> dict[str, Any]:
     """Architecture arguments of a run: everything needed to rebuild its model.
 
     The noise of ``config.noise`` (a fitted.json) is stored as plain lists, so a checkpoint
-    rebuilds the model without the file.
+    rebuilds the model without the file. For a torchvision model its layers are matched to
+    the model's BN layers by name (as ``bnprobe measure`` writes them), else by position.
 
     Raises:
         BnprobeError: For a missing or invalid noise file.
     """
     kwargs = default_arch_kwargs(config.arch, spec.num_classes, spec.input_shape[0], config.width,
                                  config.norm)
-    if config.arch != "allcnn":
-        return kwargs
     if config.noise is not None:
         noise = noise_kwargs_from_spec(config.noise, config.noise_granularity, config.noise_scale)
-        channels = layer_channels(spec.num_classes, config.width)
-        check_noise_layers(noise, channels, where=f"noise file {config.noise}")
-        kwargs["noise"] = noise
+        names, channels = noise_layers(config.arch, kwargs)
+        kwargs["noise"] = align_noise(noise, names, channels, where=f"noise file {config.noise}")
     if config.learn_noise != LearnNoise.OFF.value:
         kwargs["learn_noise"] = config.learn_noise
         kwargs["prior_std"] = float(config.prior_std)

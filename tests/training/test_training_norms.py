@@ -197,7 +197,6 @@ def test_data_dependent_init_standardizes_every_layer(norm, kw):
     ({"norm": "none", "noise": "x.json"}, "normalization"),
     ({"norm": "wn", "norm_batch": 64}, "norm-batch"),
     ({"norm": "bn", "norm_batch": 8}, "at least --batch-size"),
-    ({"arch": "torchvision:resnet18", "norm": "wn"}, "allcnn"),
     ({"lr": "fast"}, "'auto'"),
     ({"learn_noise": "sometimes"}, "sometimes"),
     ({"noise_granularity": "pixel"}, "pixel"),
