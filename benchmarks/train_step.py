@@ -1,14 +1,17 @@
 """Training-step time of each normalization/noise configuration as a ratio to BN.
 
-Same All-CNN (width 0.25 by default), batch size 32, 32x32 inputs, SGD with Nesterov
-momentum and bnprobe's real training step (``train_epoch`` with the projection after every
-step and, for learned noise, the KL term). Configurations: bn (the reference), wn,
-wn + fixed noise (per-channel sigmas), an, an + learned noise (per channel). Timings are
-interleaved so that all configurations share the machine's noise.
+Same network (All-CNN of width 0.25 by default, or a torchvision model such as
+``--arch torchvision:resnet18``, converted from its BN version by its graph), batch size 32,
+32x32 inputs, SGD with Nesterov momentum and bnprobe's real training step (``train_epoch``
+with the projection after every step and, for learned noise, the KL term). Configurations: bn
+(the reference), wn, wn + fixed noise (per-channel sigmas), an, an + learned noise (per
+channel). Timings are interleaved so that all configurations share the machine's noise. AN of
+a torchvision model needs ``bnprobe.norms.an_graph``; without it the AN rows are skipped.
 
 Targets on CPU: wn <= 1.15, wn+fixed <= 1.2, an <= 1.3, an+learned <= 1.4.
 
-Usage: python benchmarks/train_step.py [--width 0.25] [--steps 10] [--repeats 7] [--threads 1]
+Usage: python benchmarks/train_step.py [--arch allcnn] [--width 0.25] [--steps 10] [--repeats 7]
+       [--threads 1]
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import argparse
 import torch
 from _common import interleaved_times, random_images, sync
 
+from bnprobe.errors import BnprobeError
 from bnprobe.models import build_model
-from bnprobe.models.allcnn import layer_channels
+from bnprobe.models.registry import noise_layers
 from bnprobe.noise.network import set_noise_generator
-from bnprobe.norms.an import dataset_channel_moments
+from bnprobe.norms.an import InputMoments, dataset_channel_moments
+from bnprobe.norms.an_network import graph_propagation
 from bnprobe.options import resolve_device
 from bnprobe.training import TrainConfig
 from bnprobe.training.setup import make_optimizer, step_hooks
@@ -30,15 +35,27 @@ from bnprobe.training.steps import train_epoch
 TARGETS = {"wn": 1.15, "wn+fixed": 1.2, "an": 1.3, "an+learned": 1.4}
 
 
-def _noise(width: float) -> dict:
-    channels = layer_channels(10, width)
-    return {"sigma_v": [[0.1 + 0.001 * j for j in range(c)] for c in channels],
-            "sigma_u": [[0.05 + 0.001 * j for j in range(c)] for c in channels], "scale": 1.0}
+def _noise(arch: str, width: float) -> dict:
+    names, channels = noise_layers(arch, {"num_classes": 10, "width": width})
+    noise = {"sigma_v": [[0.1 + 0.001 * j for j in range(c)] for c in channels],
+             "sigma_u": [[0.05 + 0.001 * j for j in range(c)] for c in channels], "scale": 1.0}
+    return noise if names is None else {**noise, "names": names}
+
+
+def _has_an(arch: str) -> bool:
+    if arch == "allcnn":
+        return True
+    try:
+        graph_propagation()
+    except BnprobeError:
+        return False
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--arch", default="allcnn", help="allcnn or torchvision:<name>")
+    parser.add_argument("--width", type=float, default=0.25, help="All-CNN width")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
@@ -55,19 +72,27 @@ def main() -> None:
     configs = {
         "bn": ("bn", {}),
         "wn": ("wn", {}),
-        "wn+fixed": ("wn", {"noise": _noise(args.width)}),
+        "wn+fixed": ("wn", {"noise": _noise(args.arch, args.width)}),
         "an": ("an", {}),
         "an+learned": ("an", {"learn_noise": "channel"}),
     }
+    has_an = _has_an(args.arch)
+    if not has_an:
+        configs = {k: v for k, v in configs.items() if v[0] != "an"}
+    # WN of deep torchvision nets diverges at All-CNN's rate; the rate does not change the step time
+    lr = 0.01 if args.arch == "allcnn" else 0.001
 
     def make(norm_name: str, extra: dict):
-        kwargs = {"num_classes": 10, "width": args.width, "norm": norm_name, **extra}
-        model = build_model("allcnn", kwargs, seed=0).to(device)
-        if model.input_moments is not None:
-            model.input_moments.set_(*moments)
+        kwargs = {"num_classes": 10, "norm": norm_name, **extra}
+        if args.arch == "allcnn":
+            kwargs["width"] = args.width
+        model = build_model(args.arch, kwargs, seed=0).to(device)
+        for store in model.modules():
+            if isinstance(store, InputMoments):
+                store.set_(*moments)
         set_noise_generator(model, torch.Generator(device=device).manual_seed(1))
-        config = TrainConfig(norm=norm_name, lr=0.01, learn_noise=extra.get("learn_noise", "off")).validate()
-        optimizer = make_optimizer(model, config, 0.01)
+        config = TrainConfig(norm=norm_name, lr=lr, learn_noise=extra.get("learn_noise", "off")).validate()
+        optimizer = make_optimizer(model, config, lr)
         after, regularizer = step_hooks(model, config, 45000)
         order = torch.Generator().manual_seed(1)
 
@@ -78,8 +103,11 @@ def main() -> None:
         return run
 
     times = interleaved_times({name: make(*spec) for name, spec in configs.items()}, repeats=args.repeats)
-    print(f"device {device}, threads {torch.get_num_threads()}, All-CNN width {args.width}, "
+    net = f"All-CNN width {args.width}" if args.arch == "allcnn" else args.arch
+    print(f"device {device}, threads {torch.get_num_threads()}, {net}, "
           f"batch {bs}, {args.steps} steps x {args.repeats} repeats (median)")
+    if not has_an:
+        print("  (an, an+learned skipped: bnprobe.norms.an_graph is not installed)")
     base = times["bn"]
     print(f"  {'bn':12s} {1000 * base / args.steps:8.1f} ms/step  ratio 1.000")
     for name, t in times.items():
