@@ -71,7 +71,9 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
             click.option("--width", type=float, default=width, show_default=True,
                          help="All-CNN width multiplier."),
             click.option("--norm", default=norm, show_default=True,
-                         help="Normalization: none, bn, wn or an."),
+                         help="Normalization: none, bn, wn or an. A torchvision:<name> BN network is "
+                              "converted by its graph: each conv->BN pair becomes one WN/AN layer, other "
+                              "BNs a FixedNorm (wn) or ANNorm (an); LayerNorm/GroupNorm nets are refused."),
             click.option("--norm-batch", type=int, default=None,
                          help="bn: statistics over the batch plus K - batch-size other random samples."),
             click.option("--project/--no-project", default=None,

@@ -109,9 +109,13 @@ def normalized_conv2d(
     """``((conv(x, weight) * pre_scale + pre_shift) [-> noise]) * scale + bias`` in one pass.
 
     Every per-channel factor is folded into the convolution's weight and bias, so a
-    deterministic layer costs one biased convolution. A noise module with
+    deterministic layer costs one biased convolution -- or, when the output has fewer
+    elements than the weight (small feature maps, e.g. deep layers of ImageNet nets on
+    32x32 images), into one fused multiply-add over the output, which is cheaper than
+    scaling the weight and back-propagating through that. A noise module with
     ``affine_coefficients(batch, ref)`` (per-sample ``x_hat * A + C``) adds one fused
-    multiply-add over the output; other noise modules are applied unfused.
+    multiply-add over the output (the per-channel factors join ``A``); other noise modules
+    are applied unfused.
 
     Args:
         x: Input ``(N, C_in, H, W)``.
@@ -141,16 +145,29 @@ def normalized_conv2d(
         mul, add = (None, None) if coefficients is None else coefficients
         total = _mul(_mul(pre_scale, mul), scale)
         shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
-        w = weight if total is None else weight * total.reshape(-1, 1, 1, 1)
-        return F.conv2d(x, w, shift, stride, padding, dilation, groups)
+        if total is None or not _output_is_smaller(x, weight, stride, padding, dilation):
+            w = weight if total is None else weight * total.reshape(-1, 1, 1, 1)
+            return F.conv2d(x, w, shift, stride, padding, dilation, groups)
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if shift is None:
+            return y * total[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], y, total[None, :, None, None])
     mul, add = coefficients  # (N, C): per-sample noise
-    channel = _mul(pre_scale, scale)
-    w = weight if channel is None else weight * channel.reshape(-1, 1, 1, 1)
-    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
+    mul = _mul(mul, _mul(pre_scale, scale))
     if shift is None:
         return y * mul[:, :, None, None]
     return torch.addcmul(shift[:, :, None, None], y, mul[:, :, None, None])
+
+
+def _output_is_smaller(
+    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> bool:
+    """Whether ``conv2d(x, weight)`` has fewer elements than ``weight``."""
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return x.shape[0] * weight.shape[0] * size[0] * size[1] < weight.numel()
 
 
 def affine_moments(

@@ -362,3 +362,10 @@ def test_an_network():
     assert any(isinstance(m, ANNorm) for m in dense.modules())
     with torch.no_grad():
         assert dense.eval()(x).shape == (3, 10)
+
+
+def test_an_without_graph_propagation_is_refused_clearly():
+    if HAS_AN_GRAPH:
+        pytest.skip("bnprobe.norms.an_graph is present")
+    with pytest.raises(BnprobeError, match="needs bnprobe.norms.an_graph"):
+        build_model("torchvision:resnet18", {"num_classes": 3, "norm": "an"})

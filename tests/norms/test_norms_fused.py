@@ -57,11 +57,12 @@ def _reference(layer, x, noise_fn):
 @pytest.mark.parametrize("norm", ["wn", "an"])
 @pytest.mark.parametrize("kind", [None, "fixed", "learned"])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_forward_matches_definition(norm, kind, training):
+@pytest.mark.parametrize("size", [7, 2])  # output larger / smaller than the weight (factors on the output)
+def test_fused_forward_matches_definition(norm, kind, training, size):
     noise = _noise(kind)
     layer = _layer(norm, noise.double() if noise is not None else None)
     layer.train(training)
-    x = torch.randn(5, 3, 7, 7, generator=torch.Generator().manual_seed(1), dtype=DT)
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=DT)
     if noise is not None:
         noise.generator = torch.Generator().manual_seed(7)
     out = layer(x)
