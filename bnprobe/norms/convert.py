@@ -34,6 +34,12 @@ well, so that a ``wn`` or ``none`` network reproduces the BN network in evaluati
 ``s = gamma ||w|| / sqrt(rv + eps)``, ``b = beta + gamma (c - rm) / sqrt(rv + eps)``.
 
 ``an`` returns an :class:`~bnprobe.norms.an_network.ANNetwork` around the converted network.
+
+Noise sits on each layer's own ``x_hat``: standardized for AN, ``FixedNorm`` and BN, but
+``conv(x, w / ||w||)`` for WN, which is centred and scaled only as far as the data-dependent
+init made it (``s`` absorbs ``1 / std``, ``b`` the mean). Where that std is tiny -- e.g. a 5x5
+depthwise conv on 1x1 maps (ImageNet nets on 32x32 images), where only the centre tap sees
+data -- ``s`` is large and BN-measured noise on that ``x_hat`` is amplified by it.
 """
 
 from __future__ import annotations
