@@ -81,6 +81,22 @@ def unsafe_load_option(f: Callable) -> Callable:
                         help="Allow checkpoints holding pickled Python objects (trusted files only).")(f)
 
 
+def _parse_kwargs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a dict; values parsed as JSON when they are JSON."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
 def checkpoint_data_options(f: Callable) -> Callable:
     """Options to load a checkpoint and its data (dataset, data root, arch, device, ...)."""
     for option in reversed([
@@ -89,6 +105,11 @@ def checkpoint_data_options(f: Callable) -> Callable:
         click.option("--arch", default=None,
                      help="Architecture of a plain state_dict, e.g. torchvision:resnet18."),
         click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict."),
+        click.option("--width", type=float, default=None,
+                     help="All-CNN width of a plain state_dict (like train --width)."),
+        click.option("--arch-kwarg", "arch_kwargs", multiple=True, callback=_parse_kwargs,
+                     metavar="KEY=VALUE", help="Another architecture argument of a plain state_dict "
+                                               "(repeatable; VALUE is read as JSON, else as text)."),
         unsafe_load_option, seed_option, device_option,
     ]):
         f = option(f)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._version import __version__
 from ..checkpoint import checkpoint_path, open_checkpoint
-from ..data import DeviceImages, load_dataset, make_splits
+from ..data import DeviceImages, load_for_spec, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write, atomic_write_json
 from ..layout import COVERAGE, EVALUATION, ROBUSTNESS, evaluation_dir
@@ -194,7 +194,7 @@ def evaluate_checkpoint(
     buffers = bn_buffers(ckpt)
     if buffers and log:
         log(f"BN buffers: {buffers}")
-    data = load_dataset(ckpt.data.name, ckpt.data.root)
+    data = load_for_spec(ckpt.data)
     splits = make_splits(data, ckpt.data, dev)
     images = splits.test if split_kind is Split.TEST else splits.val
     gen = torch.Generator().manual_seed(seed)

@@ -9,8 +9,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from ..checkpoint import checkpoint_path, open_checkpoint, save_checkpoint
-from ..data import DataSpec, load_dataset, make_splits
+from ..checkpoint import checkpoint_path, foreign_arch_kwargs, open_checkpoint, save_checkpoint
+from ..data import DataSpec, load_dataset, load_for_spec, make_splits
 from ..errors import BnprobeError
 from ..io import atomic_write
 from ..layout import FITTED, MEASUREMENTS_DIR, META, SUMMARY
@@ -46,6 +46,8 @@ def measure_checkpoint(
     data_root: str | None = None,
     arch: str | None = None,
     num_classes: int | None = None,
+    width: float | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     unsafe_load: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -80,7 +82,7 @@ def measure_checkpoint(
             log(f"resuming the interrupted measurement in {out}")
     dev = resolve_device(device)
     ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
-                           device=dev)
+                           device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
     name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
     _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +129,8 @@ def checkpoint_training_data(ckpt: Any, dataset: str | None, data_root: str | No
     if name is None:
         raise BnprobeError("this checkpoint records no dataset: pass --dataset (and --data-root)")
     root = data_root or (spec.root if spec and name == spec.name else None)
-    data = load_dataset(name, root)
+    same = spec is not None and name == spec.name
+    data = load_for_spec(spec, root) if same else load_dataset(name, root)
     if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
         spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
     if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
@@ -145,6 +148,8 @@ def recalibrate_checkpoint(
     data_root: str | None = None,
     arch: str | None = None,
     num_classes: int | None = None,
+    width: float | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     unsafe_load: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -162,6 +167,8 @@ def recalibrate_checkpoint(
         data_root: Override the dataset folder.
         arch: Architecture of a plain state_dict.
         num_classes: Classes of a plain state_dict.
+        width: All-CNN width of a plain state_dict.
+        arch_kwargs: More architecture arguments of a plain state_dict.
         unsafe_load: Allow pickled checkpoints.
         seed: Seed of the subset and augmentation.
         device: Where to run.
@@ -181,7 +188,7 @@ def recalibrate_checkpoint(
         raise BnprobeError(f"--out {out} is the checkpoint itself; choose another file")
     dev = resolve_device(device)
     ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
-                           device=dev)
+                           device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
     name, _, _, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
     info = recalibrate(ckpt.model, splits.train, size=reference_size,
                        generator=torch.Generator().manual_seed(seed), device=dev, progress=progress)

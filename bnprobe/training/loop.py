@@ -192,7 +192,9 @@ def train(
 
     if data is None:
         data = load_dataset(config.dataset, config.data_root, image_size=config.image_size)
-    spec = DataSpec.from_data(data, translate=config.translate if config.augment else 0)
+    data = data.with_channels(config.channels)
+    spec = DataSpec.from_data(data, translate=config.translate if config.augment else 0,
+                              flip=config.flip if config.augment else False)
     subset_gen = torch.Generator().manual_seed(config.seed + 2)
     splits = make_splits(data, spec, device, config.limit_train, subset_gen)
     n_train = len(splits.train)
