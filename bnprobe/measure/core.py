@@ -54,10 +54,29 @@ def _running_deviation(module: nn.Module, population: tuple) -> dict[str, float]
     return dict(zip(keys, (float(shift.median()), float(shift.max()), float(ratio.median()), float(worst))))
 
 
+#: Running buffers this far off (std ratio beyond x3 or mean shifted by 3 sigma) are unusable.
+UNUSABLE_STD_RATIO = 3.0
+UNUSABLE_MEAN_SHIFT = 3.0
+
+
 def stale_buffer_warning(layers: pd.DataFrame, tolerance: float = 0.05) -> str | None:
-    """One line when running buffers differ from the population by more than ``tolerance``."""
+    """One line when running buffers differ from the population by more than ``tolerance``.
+
+    Buffers off by more than :data:`UNUSABLE_STD_RATIO` (std) or :data:`UNUSABLE_MEAN_SHIFT`
+    sigma (mean) in some layer are called unusable: evaluation mode of such a network says
+    nothing about the trained one.
+    """
     if "running_mean_shift" not in layers:
         return None
+    ratio = layers["running_std_ratio_worst"]
+    unusable = layers[(layers["running_mean_shift_max"] > UNUSABLE_MEAN_SHIFT)
+                      | (ratio > UNUSABLE_STD_RATIO) | (ratio < 1 / UNUSABLE_STD_RATIO)]
+    if not unusable.empty:
+        worst = unusable.loc[(unusable["running_std_ratio_worst"].apply(lambda r: max(r, 1 / r))).idxmax()]
+        return (f"the running BN buffers are unusable in {len(unusable)} of {len(layers)} layers (worst "
+                f"{worst['name']}: std ratio {worst['running_std_ratio_worst']:.3g}, mean shifted by up to "
+                f"{worst['running_mean_shift_max']:.3g} sigma): evaluation mode normalizes by statistics "
+                "far from the data; bnprobe recalibrate writes a checkpoint with population buffers")
     off = layers[(layers["running_mean_shift"] > tolerance)
                  | ((layers["running_std_ratio"] - 1).abs() > tolerance)]
     if off.empty:

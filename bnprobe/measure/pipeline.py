@@ -16,7 +16,7 @@ from ..io import atomic_write
 from ..layout import FITTED, MEASUREMENTS_DIR, META, SUMMARY
 from ..options import resolve_device
 from .core import _check_sizes, measure
-from .fit import fit_noise, noise_flags
+from .fit import broken_layers, fit_noise, noise_flags
 from .measurements import Measurements
 from .recalibrate import recalibrate
 
@@ -55,6 +55,7 @@ def measure_checkpoint(
     resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[Measurements, pd.DataFrame]:
     """Measure a checkpoint on its training data and write the measurement folder.
 
@@ -63,6 +64,12 @@ def measure_checkpoint(
     Progress is kept in ``out/.partial`` after the reference pass and each batch size, so an
     interrupted run continues with ``resume`` (same settings, same result); ``force`` starts
     over.
+
+    The measurement checks itself: every problem (stale or unusable running buffers, layers
+    whose noise the Gaussian V/U model does not fit, small spatial maps) is one line to
+    ``warn`` and in meta.json. A measurement that is clearly broken in some layer (see
+    :func:`bnprobe.measure.fit.broken_reasons`) writes no fitted.json unless ``force``: the
+    rest of the folder is written and a BnprobeError says why.
 
     Returns:
         The measurements and their summary table.
@@ -102,12 +109,33 @@ def measure_checkpoint(
     summary.insert(2, "mode", m.meta["config"]["mode"])
     summary.insert(3, "reference", m.meta["config"]["reference"])
     spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
-    m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out)]
+    m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out),
+                          *filter(None, [spatial_note(summary, data.input_shape)])]
+    broken = broken_layers(spec_out)
+    m.meta["noise_file"] = "written" if (not broken or force) else "refused: broken measurement"
+    for line in m.meta["warnings"]:
+        (warn or log)(line)
     m.save(out)
     atomic_write(out / SUMMARY, lambda p: summary.to_csv(p, index=False))
-    spec_out.save(out / FITTED)
     shutil.rmtree(partial_dir, ignore_errors=True)
+    if broken and not force:
+        raise BnprobeError(f"no {FITTED} written: the measurement is broken in {len(broken)} of "
+                           f"{len(spec_out.layers)} layers ({broken[0]}); the rest of {out} is written; "
+                           "pass --force to write the noise file anyway")
+    spec_out.save(out / FITTED)
     return m, summary
+
+
+def spatial_note(summary: pd.DataFrame, input_shape: Sequence[int]) -> str | None:
+    """A note when small inputs leave BN layers with tiny maps (an ImageNet stem on 28x28)."""
+    sizes = summary.drop_duplicates("layer").sort_values("layer_index")["spatial_size"].astype(int)
+    if sizes.empty or sizes.min() > 4:
+        return None
+    side = sorted({round(s ** 0.5) for s in sizes}, reverse=True)
+    tiny = int((sizes <= 4).sum())
+    return (f"with {input_shape[-2]}x{input_shape[-1]} inputs the BN layers see maps of "
+            f"{', '.join(f'{s}x{s}' for s in side)}; {tiny} of {len(sizes)} layers have at most 2x2 "
+            "positions, so their batch statistics come from few values (n = k x positions)")
 
 
 def layer_table(summary: pd.DataFrame) -> pd.DataFrame:
