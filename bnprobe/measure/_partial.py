@@ -63,12 +63,13 @@ class PartialMeasurement:
         self.reference: dict[str, Any] | None = None
         self.tables: dict[int, pd.DataFrame] = {}
         self._gens: dict[str, torch.Tensor] = {}
+        if not self.kept:
+            return
         loaded = None
         with shared_errors():
             if self.directory is not None and (self.directory / STATE).is_file():
                 loaded = self._load()
-        if self.kept:
-            loaded = broadcast_object(loaded)
+        loaded = broadcast_object(loaded)
         if loaded is not None:
             self.reference, ranks, self.tables = loaded
             self._gens = ranks[self.world.rank]
@@ -86,9 +87,11 @@ class PartialMeasurement:
                                "pass --force to start over")
         size = int(state.get("world_size", 1))
         if size != self.world.size:
+            how = (f"with {size} (torchrun --nproc-per-node {size})" if size > 1
+                   else "in one process (without torchrun)")
             raise BnprobeError(f"{self.directory} holds a measurement interrupted with {size} "
-                               f"process{'es' if size > 1 else ''}; resume it with {size} "
-                               f"(torchrun --nproc-per-node {size}) or pass --force to start over")
+                               f"process{'es' if size > 1 else ''}; resume it {how} or pass --force "
+                               "to start over")
         try:
             reference = torch.load(self.directory / REFERENCE, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error

@@ -23,6 +23,7 @@ from scipy import stats
 
 from bnprobe.errors import BnprobeError
 from bnprobe.measure.pipeline import measure_checkpoint
+from bnprobe.measure.recorder import Recorder
 
 SAMPLES = 100
 SEEDS = (0, 1, 2)
@@ -107,12 +108,31 @@ def _measure(run, out, seed, *extra):
                      "--device", "cpu", "--out", out, "--quiet", *extra]}
 
 
+def _interrupted_alone(run, out):
+    """A 1-process measurement stopped at its third draw."""
+    original, calls = Recorder.run, [0]
+
+    def run_draw(self, model, x):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return original(self, model, x)
+
+    Recorder.run = run_draw
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            measure_checkpoint(run, [8, 32], out=out, samples=SAMPLES, seed=SEEDS[1], device="cpu")
+    finally:
+        Recorder.run = original
+
+
 @pytest.fixture(scope="module")
 def measured(digits_bn_run, ddp_commands, tmp_path_factory):
     """1-process measurements (in this process) and 2-process ones (one torchrun job)."""
     root = tmp_path_factory.mktemp("ddp-measure")
     one = {s: measure_checkpoint(digits_bn_run, [8, 32], out=root / f"one{s}", samples=SAMPLES, seed=s,
                                  device="cpu")[0] for s in SEEDS}
+    _interrupted_alone(digits_bn_run, root / "left1")
     stop = {"interrupt_after": SAMPLES // 2 + 3}  # each process: 3 draws into the second batch size
     plan = [
         {"argv": ["measure", digits_bn_run, "--batch-sizes", "100000", "--device", "cpu",
@@ -121,6 +141,7 @@ def measured(digits_bn_run, ddp_commands, tmp_path_factory):
         {**_measure(digits_bn_run, root / "resumed", SEEDS[1]), **stop},
         _measure(digits_bn_run, root / "resumed", SEEDS[1], "--resume"),
         {**_measure(digits_bn_run, root / "left", SEEDS[1]), "interrupt_after": 3},
+        _measure(digits_bn_run, root / "left1", SEEDS[1], "--resume"),
     ]
     return root, one, ddp_commands(plan)
 
@@ -186,3 +207,7 @@ def test_two_processes_resume_and_refuse_another_world_size(measured, digits_bn_
     with pytest.raises(BnprobeError, match="interrupted with 2 processes; resume it with 2"):
         measure_checkpoint(digits_bn_run, [8, 32], out=left, samples=SAMPLES, seed=SEEDS[1], device="cpu",
                            resume=True)
+    alone = jobs[7]  # a 1-process measurement resumed by 2 processes
+    assert alone["exit"] == [2, 2]
+    errors = [ln for ln in (alone["stdout"] + "\n" + alone["stderr"]).splitlines() if ln.strip()]
+    assert len(errors) == 1 and "interrupted with 1 process; resume it in one process" in errors[0], errors
