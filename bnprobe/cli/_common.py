@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any, Callable
 
 import click
 
-from ..errors import BnprobeError
+from ..errors import BnprobeError, SharedError
 
 
 class CommaList(click.ParamType):
@@ -128,6 +129,16 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _reported_by_process_zero(exc: BaseException) -> bool:
+    """Whether another torchrun process prints this error: one every process raises alike.
+
+    A usage error depends only on the command line, the same in every process; a
+    :class:`SharedError` was raised on every process at once. Process 0 (``RANK`` 0 or
+    unset) prints both; the others exit quietly with the same status.
+    """
+    return isinstance(exc, (SharedError, click.UsageError)) and os.environ.get("RANK", "0") != "0"
+
+
 def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     """Run a command body: user errors become one line and exit 2 (traceback with --debug)."""
     def debug() -> bool:  # read late: the group callback sets it during the call
@@ -136,6 +147,8 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except BnprobeError as exc:
+        if _reported_by_process_zero(exc):
+            sys.exit(2)
         if debug():
             traceback.print_exc()
         click.echo(f"Error: {exc}", err=True)
@@ -146,6 +159,8 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     except click.UsageError as exc:
         if debug():
             raise
+        if _reported_by_process_zero(exc):
+            sys.exit(2)
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         click.echo(f"Error: {exc.format_message()}{hint}", err=True)
         sys.exit(2)

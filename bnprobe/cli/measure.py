@@ -48,6 +48,9 @@ def command(quiet: bool, **options) -> None:
 
     V = (mu - M) / sqrt(sigma^2 + eps) and U = sqrt(sigma^2 + eps) / sqrt(S^2 + eps), with M, S^2 a
     batch's mean and variance of the layer's input, mu, sigma^2 the reference, eps the BN's own.
+
+    Under torchrun (torchrun --nproc-per-node N -m bnprobe measure ...) the processes share the
+    draws of each batch size; process 0 writes the folder.
     """
     import pandas as pd
 
@@ -55,6 +58,8 @@ def command(quiet: bool, **options) -> None:
 
     m, summary = measure_checkpoint(progress=not quiet, log=None if quiet else echo,
                                     warn=lambda line: click.echo(f"Warning: {line}", err=True), **options)
+    if summary is None:  # not process 0 of torchrun: it reports
+        return
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500,
                            "display.float_format", "{:.4g}".format):
         echo(layer_table(summary).to_string(index=False))

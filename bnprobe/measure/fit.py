@@ -1,5 +1,8 @@
 """``fit_noise``: turn measurements into per-layer noise levels at one batch size.
 
+:func:`fit_device_noise` does the same for a multi-GPU set-up: without SyncBN each BN layer
+sees the noise of one device's batch, with SyncBN that of the global batch.
+
 Each layer entry also carries the bias checks of the summary (``v_bias_z``, ``v_bias_frac4``,
 ``u_bias_z``, ``mean_u``, ``eu_model``, at the measured batch size) and a list of ``flags``:
 short warnings that the measured noise does not fit the Gaussian model (biased V, U off the
@@ -189,3 +192,45 @@ def fit_noise(
     source = {**meta.get("source", {}), **{k: meta.get("config", {}).get(k) for k in
                                             ("mode", "reference", "batch_sizes", "samples")}}
     return NoiseSpec(batch_size=int(batch_size), layers=layers, source=source)
+
+
+def fit_device_noise(
+    measurements: Measurements, per_device_batch: int, world_size: int, sync_bn: bool = False,
+    summary: pd.DataFrame | None = None,
+) -> tuple[NoiseSpec, pd.DataFrame]:
+    """The noise each BN layer sees when training on several devices (torchrun, DDP).
+
+    Each of ``world_size`` processes takes ``per_device_batch`` inputs per step. Without
+    SyncBN every device normalizes by its own batch: the noise at ``per_device_batch``; with
+    SyncBN the statistics are those of the global batch ``per_device_batch * world_size``.
+    Both are :func:`fit_noise` at that batch size.
+
+    Args:
+        measurements: Output of ``measure``.
+        per_device_batch: Inputs per step and device.
+        world_size: Number of devices (processes).
+        sync_bn: Whether BN is synchronized across devices.
+        summary: A precomputed ``measurements.summary()`` (computed if None).
+
+    Returns:
+        ``(spec, table)``: the noise specification of the set-up (its ``source`` records
+        per_device_batch, world_size, sync_bn and global_batch) and one row per layer with
+        ``index``, ``layer`` and ``sigma_v``/``sigma_u`` without SyncBN (``*_device``, at
+        ``per_device_batch``) and with it (``*_sync``, at the global batch).
+    """
+    if world_size < 1:
+        raise BnprobeError(f"world size must be at least 1, got {world_size}")
+    if summary is None:
+        summary = measurements.summary(n_boot=0)
+    k_global = per_device_batch * world_size
+    device = fit_noise(measurements, per_device_batch, summary)
+    synced = fit_noise(measurements, k_global, summary)
+    spec = synced if sync_bn else device
+    spec.source.update({"per_device_batch": int(per_device_batch), "world_size": int(world_size),
+                        "sync_bn": bool(sync_bn), "global_batch": int(k_global)})
+    table = pd.DataFrame([
+        {"index": a["index"], "layer": a["name"], "sigma_v_device": a["sigma_v"],
+         "sigma_u_device": a["sigma_u"], "sigma_v_sync": b["sigma_v"], "sigma_u_sync": b["sigma_u"]}
+        for a, b in zip(device.layers, synced.layers)
+    ])
+    return spec, table

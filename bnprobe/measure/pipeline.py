@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import checkpoint_path, foreign_arch_kwargs, open_checkpoint, save_checkpoint
 from ..data import DataSpec, load_dataset, load_for_spec, make_splits
+from ..distributed import setup, shared_errors
 from ..errors import BnprobeError
 from ..io import atomic_write
 from ..layout import FITTED, MEASUREMENTS_DIR, META, SUMMARY
@@ -56,7 +57,7 @@ def measure_checkpoint(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
-) -> tuple[Measurements, pd.DataFrame]:
+) -> tuple[Measurements, pd.DataFrame | None]:
     """Measure a checkpoint on its training data and write the measurement folder.
 
     Writes samples.parquet, layers.csv, reference.parquet, meta.json, summary.csv and
@@ -71,30 +72,29 @@ def measure_checkpoint(
     :func:`bnprobe.measure.fit.broken_reasons`) writes no fitted.json unless ``force``: the
     rest of the folder is written and a BnprobeError says why.
 
+    Under torchrun (``torchrun --nproc-per-node N -m bnprobe measure ...``) the processes
+    share the draws (see :func:`.core.measure`); process 0 logs and writes the folder, the
+    progress included, and a resumed measurement needs the same number of processes.
+
     Returns:
-        The measurements and their summary table.
+        The measurements and their summary table (None on processes other than 0).
     """
-    log = log or (lambda _m: None)
+    world, dev = setup(device)
+    log = log if log is not None and world.is_main else (lambda _m: None)
+    progress = progress and world.is_main
     out = Path(out)
-    if (out / META).exists() and not force:
-        raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
     partial_dir = out / PARTIAL_DIR
-    if partial_dir.exists():
-        if force:
-            shutil.rmtree(partial_dir)
-        elif not resume:
-            raise BnprobeError(f"{out} holds an interrupted measurement; pass --resume to continue it "
-                               "or --force to start over")
-        else:
-            log(f"resuming the interrupted measurement in {out}")
-    dev = resolve_device(device)
-    ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
-                           device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
-    name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
-    _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
+    with shared_errors():
+        if world.is_main:
+            _prepare_out(out, force, resume, log)
+        ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
+                               device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
+        name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
+        _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
     gen = torch.Generator().manual_seed(seed)
     log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
-        f"batch sizes {list(batch_sizes)}, {samples} draws each")
+        f"batch sizes {list(batch_sizes)}, {samples} draws each"
+        + (f" split between {world.size} processes" if world.distributed else ""))
     source: dict[str, Any] = {
         "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
         "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
@@ -105,6 +105,8 @@ def measure_checkpoint(
                 reference_size=reference_size, augment_draws=augment_draws,
                 isolated_method=isolated_method, spatial_sampling=spatial_sampling,
                 progress=progress, source=source, resume_dir=partial_dir)
+    if not world.is_main:
+        return m, None
     summary = m.summary(seed=seed)
     summary.insert(2, "mode", m.meta["config"]["mode"])
     summary.insert(3, "reference", m.meta["config"]["reference"])
@@ -124,6 +126,21 @@ def measure_checkpoint(
                            "pass --force to write the noise file anyway")
     spec_out.save(out / FITTED)
     return m, summary
+
+
+def _prepare_out(out: Path, force: bool, resume: bool, log: Callable[[str], None]) -> None:
+    """Refuse to overwrite finished measurements; clear (``force``) or continue (``resume``) progress."""
+    if (out / META).exists() and not force:
+        raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
+    partial_dir = out / PARTIAL_DIR
+    if partial_dir.exists():
+        if force:
+            shutil.rmtree(partial_dir)
+        elif not resume:
+            raise BnprobeError(f"{out} holds an interrupted measurement; pass --resume to continue it "
+                               "or --force to start over")
+        else:
+            log(f"resuming the interrupted measurement in {out}")
 
 
 def spatial_note(summary: pd.DataFrame, input_shape: Sequence[int]) -> str | None:
