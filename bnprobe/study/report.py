@@ -79,7 +79,14 @@ def _training_row(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return row, metrics
 
 
+#: The evaluation columns of a training run that was not evaluated (``evaluate = false``).
+NOT_EVALUATED = {"accuracy": math.nan, "nll": math.nan, "ece": math.nan, "nll_mc": math.nan,
+                 "accuracy_mc": math.nan, "mc_mode": "", "split": "", "n_test": math.nan}
+
+
 def _evaluation_row(path: Path, mc: int) -> dict[str, Any]:
+    if not path.is_file():
+        return dict(NOT_EVALUATED)
     doc = _read_json(path)
     m = doc["metrics"]
     single = m["single"]
@@ -110,8 +117,7 @@ def collect(study: Study, root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame,
                             "epoch": int(e), "split": split, "nll": float(v)}
                            for e, v in zip(metrics["epoch"], metrics[col])]
             evaluation = root / step.out / "evaluation" / "metrics.json"
-            if evaluation.is_file():
-                runs.append({**base, **row, **_evaluation_row(evaluation, study.report.mc)})
+            runs.append({**base, **row, **_evaluation_row(evaluation, study.report.mc)})
         elif step.command == "evaluate" and not step.auto:
             target = steps[step.refs["target"]]
             row, _ = _training_row(root / target.out)
@@ -133,8 +139,8 @@ def _method_order(study: Study, names: Any) -> list[str]:
 
 def aggregate(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Mean and sample standard deviation over seeds of every numeric column, per method."""
-    numeric = [c for c in runs.columns if c != "seed" and pd.api.types.is_numeric_dtype(runs[c])
-               and not pd.api.types.is_bool_dtype(runs[c])]
+    numeric = [c for c in runs.columns if c not in ("seed", "n_test")
+               and pd.api.types.is_numeric_dtype(runs[c]) and not pd.api.types.is_bool_dtype(runs[c])]
     grouped = runs.groupby("method", sort=False)
     table = grouped[["label", "command", "norm", "learn_noise", "mc_mode"]].first()
     table.insert(0, "n_seeds", grouped.size())
@@ -197,8 +203,8 @@ def _markdown(study: Study, runs: pd.DataFrame, table: pd.DataFrame, fitted: pd.
               figures: list[str]) -> str:
     mc = study.report.mc
     seeds = sorted(set(runs["seed"]))
-    split = ", ".join(sorted(set(runs["split"])))
-    n_test = ", ".join(str(n) for n in sorted(set(runs["n_test"])))
+    split = ", ".join(sorted(s for s in set(runs["split"]) if s)) or "test"
+    n_test = ", ".join(f"{n:.0f}" for n in sorted(set(runs["n_test"].dropna()))) or "no"
     out = [f"# {study.report.title or 'Study: ' + study.name}", ""]
     if study.description:
         out += [study.description.strip(), ""]
@@ -235,7 +241,8 @@ def write_report(study: Study, root: str | Path) -> Written:
     table = aggregate(runs, order)
     fig_dir = root / FIGURES
     drawn = []
-    method_colors = figs.palette(_method_order(study, study.runs))
+    method_colors = figs.palette(_method_order(study, [m for m, r in study.runs.items()
+                                                       if r["command"] != "measure"]))
     curve_order = _method_order(study, curves["method"]) if not curves.empty else []
     if not curves.empty:
         figs.nll_epochs(curves, curve_order, method_colors, fig_dir / FIG_EPOCHS)
