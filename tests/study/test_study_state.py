@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +115,48 @@ def test_threads_are_split_between_jobs(monkeypatch, study, tmp_path):
     assert step_env(1)["MALLOC_MMAP_THRESHOLD_"] == "123"  # the user's setting wins
     with pytest.raises(BnprobeError, match="--jobs"):
         Runner(study, tmp_path / "x", jobs=0)
+
+
+FAILING = """
+[defaults.train]
+epochs = 1
+width = 0.25
+limit-train = 64
+device = "cpu"
+
+[[run]]
+name = "bad"
+command = "train"
+options = { dataset = "imagefolder", data-root = "no-such-folder" }
+
+[[run]]
+name = "bad-noise"
+command = "measure"
+checkpoint = "bad"
+
+[[run]]
+name = "good"
+command = "train"
+options = { dataset = "digits" }
+evaluate = false
+"""
+
+
+def test_a_failed_step_skips_its_dependents_only(tmp_path):
+    path = tmp_path / "fail.toml"
+    path.write_text(textwrap.dedent(FAILING))
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[2]
+    args = [sys.executable, "-m", "bnprobe", "study", str(path), "--out", str(out), "--jobs", "2"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2, result.stderr
+    assert "FAILED  bad-s0  exit 2: Error: image folder not found: no-such-folder" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: 1 step(s) failed: bad-s0 (2 skipped after them)")
+    state = json.loads((out / "study.json").read_text())
+    status = {name: step["status"] for name, step in state["steps"].items()}
+    assert status == {"bad-s0": "failed", "bad-s0.evaluate": "skipped", "bad-noise-s0": "skipped",
+                      "good-s0": "done"}
+    assert state["status"] == "failed" and not (out / "report.md").exists()
+    assert (out / "runs" / "good-s0" / "checkpoint.pt").is_file()
