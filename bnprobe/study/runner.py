@@ -319,18 +319,20 @@ class Runner:
         what = step.command + (f", {state.detail}" if state.detail else "")
         self._progress("start", step.name, f"({what})")
 
-    def _finish(self, step: Step, returncode: int) -> bool:
+    def _finish(self, step: Step, returncode: int, cpu: float | None = None) -> bool:
         proc, handle, t0, attempt = self.running.pop(step.name)
         handle.close()
         seconds = time.perf_counter() - t0
         attempt.update(seconds=round(seconds, 2), returncode=returncode)
+        if cpu is not None:
+            attempt["cpu_seconds"] = round(cpu, 2)
         if returncode == 0 and not step_state(step, self.root).done:
             returncode = -1000
             attempt["error"] = "exited 0 without writing its output marker"
         self.finished += 1
         if returncode == 0:
             self._set(step.name, "done")
-            self._progress("done", step.name, f"{seconds:.1f}s")
+            self._progress("done", step.name, f"{seconds:.1f}s" + (f" ({cpu:.0f}s CPU)" if cpu else ""))
             return True
         self.failed.append(step.name)
         self._set(step.name, "failed")
@@ -383,6 +385,7 @@ class Runner:
             self.log(f"[study] {self.study.name}: {total} steps, {total - todo} already done, {todo} to run; "
                      f"--jobs {self.jobs}, {self.threads} thread{'s' if self.threads > 1 else ''} each; "
                      f"logs in {self.root / LOGS}")
+            t0 = time.perf_counter()
             try:
                 with _sigterm_raises():
                     self._loop()
@@ -393,7 +396,13 @@ class Runner:
                 self.log(f"[study] interrupted; rerun with --resume to continue in {self.root}")
                 raise KeyboardInterrupt from None
             self.state["status"] = "failed" if self.failed else "finished"
+            wall = time.perf_counter() - t0
+            cpu = sum(a.get("cpu_seconds", 0.0) for s in self.state["steps"].values() for a in s["attempts"]
+                      if a.get("started", "") >= self.state["sessions"][-1]["started"])
+            self.state["sessions"][-1].update(wall_seconds=round(wall, 1), cpu_seconds=round(cpu, 1))
             self._save()
+            self.log(f"[study] {todo} step{'s' if todo != 1 else ''} in {wall / 60:.1f} min wall, "
+                     f"{cpu / 60:.1f} min CPU")
         if self.failed:
             raise BnprobeError(
                 f"{len(self.failed)} step(s) failed: {', '.join(self.failed)}"
@@ -415,11 +424,25 @@ class Runner:
                 return
             time.sleep(POLL)
             for name in list(self.running):
-                code = self.running[name][0].poll()
+                code, cpu = _poll(self.running[name][0])
                 if code is not None:
                     step = self.study.steps[name]
-                    if self._finish(step, code):
+                    if self._finish(step, code, cpu):
                         self.plan.done(step)
+
+
+def _poll(proc: subprocess.Popen) -> tuple[int | None, float | None]:
+    """The exit status of a step's process (None: running) and its CPU seconds where known."""
+    if not hasattr(os, "wait4"):  # pragma: no cover - not POSIX
+        return proc.poll(), None
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # reaped already
+        return proc.poll(), None
+    if pid == 0:
+        return None, None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _last_line(log: Path) -> str:
