@@ -152,6 +152,7 @@ def _assert_same_results(out, reference):
     assert keep((out / "report.md").read_text()) == keep((reference / "report.md").read_text())
 
 
+@pytest.mark.slow  # needs the smoke study's runs
 @pytest.mark.xfail(strict=True, reason="bnprobe evaluate draws injected/learned noise for Monte-Carlo "
                    "prediction from torch's global generator, seeded at random per process")
 def test_noise_mc_evaluation_is_reproducible(uninterrupted, tmp_path):
