@@ -239,6 +239,8 @@ def train(
         start_epoch = int(payload["epoch"])
         search = payload.get("lr_search")
         log(f"resuming {run_dir} after epoch {start_epoch}")
+        if world.is_main:  # a run killed between its checkpoint and metrics.csv catches up
+            write_metrics_csv(run_dir / METRICS, history)
     config_record = {"format": "bnprobe.config", "version": 1, "bnprobe_version": __version__,
                      "config": config.to_dict(), "arch": {"name": config.arch, "kwargs": arch_kwargs},
                      "data": spec.to_dict()}
