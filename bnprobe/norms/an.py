@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
+from .moments import avg_pool_moments, conv2d_moments, conv_moments, leaky_relu_moments
 from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
 __all__ = ["ANConv2d", "InputMoments", "dataset_channel_moments", "propagate_sequence"]
@@ -48,7 +48,8 @@ class ANConv2d(_WNBase):
         out_channels: Output channels.
         kernel_size: Kernel size (int or pair).
         stride: Stride.
-        padding: Zero padding (its border effect on the moments is ignored).
+        padding: Zero padding (its border effect on the moments is accounted for when the
+            input's spatial size is known, see :meth:`set_input_moments`).
         dilation: Dilation.
         groups: Convolution groups (the moments of each group's outputs come from its inputs).
         bias: Whether to learn the output bias ``b``.
@@ -83,15 +84,22 @@ class ANConv2d(_WNBase):
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
         self._m_in: Optional[Tensor] = None
         self._v_in: Optional[Tensor] = None
+        self._input_size: Optional[tuple[int, int]] = None
         self.last_mu: Optional[Tensor] = None
         self.last_sigma: Optional[Tensor] = None
 
-    def set_input_moments(self, m: Tensor, v: Tensor) -> None:
+    def set_input_moments(
+        self, m: Tensor, v: Tensor, input_size: Optional[Sequence[int]] = None
+    ) -> None:
         """Store the input channel moments used by the following forwards.
 
         Args:
             m: Input channel means ``(C_in,)`` (its autograd graph is kept).
             v: Input channel variances ``(C_in,)``.
+            input_size: Spatial size ``(H, W)`` of the input, or None. With it, the predicted
+                moments are those over all output positions, the border ones summing only the
+                taps inside the input (:func:`~bnprobe.norms.moments.conv2d_moments`), as
+                BN would measure them; without it every tap counts (interior positions).
 
         Raises:
             ValueError: If a shape is not ``(in_channels,)``.
@@ -103,6 +111,7 @@ class ANConv2d(_WNBase):
                     f"got {tuple(t.shape)}"
                 )
         self._m_in, self._v_in = m, v
+        self._input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
 
     def normalizer_moments(self) -> tuple[Tensor, Tensor]:
         """Compute ``(mu(w), sigma(w))`` from the stored input moments and the current weight.
@@ -118,12 +127,17 @@ class ANConv2d(_WNBase):
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
-        mu, var = conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups)
+        mu, var = conv2d_moments(
+            self._m_in, self._v_in, self.weight, None, self.stride, self.padding, self.dilation,
+            self.groups, getattr(self, "_input_size", None),  # absent in objects pickled before
+        )  # fmt: skip
         sigma = (var + self.eps).sqrt()
         self.last_mu, self.last_sigma = mu.detach(), sigma.detach()
         return mu, sigma
 
-    def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def propagate(
+        self, m: Tensor, v: Tensor, input_size: Optional[Sequence[int]] = None
+    ) -> tuple[Tensor, Tensor]:
         """Store the input moments and return this layer's output channel moments.
 
         The normalized ``x_hat`` has moments ``(0, 1)``; they go through the noise module's
@@ -133,11 +147,12 @@ class ANConv2d(_WNBase):
         Args:
             m: Input channel means ``(C_in,)``.
             v: Input channel variances ``(C_in,)``.
+            input_size: Spatial size ``(H, W)`` of the input (for the border; None: ignore it).
 
         Returns:
             ``(mean, var)`` of shape ``(out_channels,)``, differentiable in ``s`` and ``b``.
         """
-        self.set_input_moments(m, v)
+        self.set_input_moments(m, v, input_size)
         if self.noise is None and self.scale is not None and self.bias is not None:
             return self.bias, self.scale * self.scale  # the common case, in one op
         zeros = self.weight.new_zeros(self.out_channels)

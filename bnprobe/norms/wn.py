@@ -15,14 +15,14 @@ normalized output ``x_hat`` BEFORE the affine ``* s + b``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..noise.functional import noise_then_affine
-from .moments import conv_moments
+from .moments import conv2d_moments, conv_moments
 
 __all__ = [
     "WNConv2d",
@@ -270,6 +270,27 @@ class WNConv2d(_WNBase):
         self.dilation = _pair(dilation)
         self.groups = _check_groups(in_channels, out_channels, groups)
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
+
+    def propagate(
+        self, m: Tensor, v: Tensor, input_size: Optional[Sequence[int]] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Channel moments of the output given independent inputs with moments ``(m, v)``.
+
+        Args:
+            m: Input channel means ``(C_in,)``.
+            v: Input channel variances ``(C_in,)``.
+            input_size: Spatial size ``(H, W)`` of the input: with it the moments are pooled
+                over all output positions, border ones summing only the taps inside the input
+                (:func:`~bnprobe.norms.moments.conv2d_moments`); None: interior positions.
+
+        Returns:
+            ``(mean, var)`` per output channel (noise at its eval-mode map).
+        """
+        mu, var = conv2d_moments(
+            m, v, self.normalized_weight(), None, self.stride, self.padding, self.dilation,
+            self.groups, input_size,
+        )  # fmt: skip
+        return affine_moments(mu, var, self.scale, self.bias, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the normalized convolution, noise and affine to ``x`` ``(N, C_in, H, W)``."""
