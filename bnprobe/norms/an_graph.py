@@ -1,0 +1,832 @@
+"""Analytic normalization beyond chains: moment propagation over a ``torch.fx`` graph.
+
+:func:`propagate_graph` walks the nodes of a traced network in topological order, from its
+single input (the dataset's per-channel moments) to its output, and gives every value its
+per-channel mean and variance and its spatial size. Each node is handled by a rule looked up
+in a registry (BackPACK style): ``call_module`` nodes by the module's type
+(:data:`MODULE_RULES`), ``call_function`` nodes by the function (:data:`FUNCTION_RULES`),
+``call_method`` nodes by the method name (:data:`METHOD_RULES`). A module with a
+``propagate(m, v)`` method (:class:`~bnprobe.norms.an.ANConv2d`,
+:class:`~bnprobe.norms.wn.WNConv2d`, ``WNLinear``, the noise modules, ``ChannelAffine``) is
+handled by that method, before any registered rule; ``ANConv2d.propagate`` stores the moments
+that the layer normalizes by (and receives the input's spatial size, so that it accounts for
+its zero padding), so calling :func:`propagate_graph` before a forward makes an AN network
+normalize correctly. Gradients flow through the stored moments as in
+:func:`~bnprobe.norms.an.propagate_sequence`: call it again before every forward.
+
+Approximations (see :mod:`bnprobe.norms.moments` for the rules themselves):
+
+* Activations are independent across channels and spatial positions, and the operands of a
+  sum (residual connections) or product (squeeze-and-excitation) are independent of each
+  other. Spatial correlation is ignored everywhere; it is the largest error on natural images
+  (pixels and early features are strongly correlated, which makes the true variance of a
+  convolution's output differ per channel from the prediction by a factor that depends on how
+  the filter weighs the correlated inputs).
+* Nonlinearities and max pooling see a Gaussian with the channel's moments. Max pooling that
+  follows a nondecreasing elementwise map (ReLU, ReLU6, leaky ReLU, sigmoid, ...) is computed
+  on that map's Gaussian input and mapped afterwards (``max`` commutes with such maps, so this
+  is exact where the input is Gaussian).
+* Within a channel all positions of the input have the same moments; zero padding of
+  convolutions and pools is accounted for by mixing the output positions' moments.
+* The network is the deterministic one: dropout and stochastic depth are the identity, noise
+  modules their eval-mode map. BatchNorm in eval mode is the affine map of its running
+  statistics; in training mode (or without running statistics) it normalizes by the batch,
+  taken to equal the population, so its output has moments ``(bias, weight^2)``.
+* Flattening ``(C, H, W)`` repeats each channel's moments over its ``H * W`` features.
+
+Supported nodes: see :data:`MODULE_RULES`, :data:`FUNCTION_RULES` and :data:`METHOD_RULES`, or
+``supported()``; add rules with :func:`register_module_rule`, :func:`register_function_rule`
+and :func:`register_method_rule`. An unsupported node raises :class:`UnsupportedNodeError`
+naming the node, its target and the module type.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torchvision.ops import StochasticDepth, stochastic_depth
+
+from ..errors import BnprobeError
+from .bn import NoisyBatchNorm2d
+from .moments import (
+    adaptive_avg_pool2d_moments,
+    add_moments,
+    avg_pool2d_moments,
+    concat_moments,
+    conv2d_moments,
+    conv2d_output_size,
+    conv_moments,
+    gaussian_map_moments,
+    hardsigmoid_moments,
+    hardswish_moments,
+    hardtanh_moments,
+    leaky_relu_moments,
+    max_pool2d_moments,
+    pool2d_output_size,
+    product_moments,
+)
+from .syncbn import SyncBatchNorm2d
+from .wn import affine_moments
+
+__all__ = [
+    "FUNCTION_RULES",
+    "METHOD_RULES",
+    "MODULE_RULES",
+    "NodeMoments",
+    "UnsupportedNodeError",
+    "graph_moments",
+    "propagate_graph",
+    "register_function_rule",
+    "register_method_rule",
+    "register_module_rule",
+    "supported",
+    "trace",
+]
+
+_Size = Optional[tuple[int, int]]
+_Map = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class UnsupportedNodeError(BnprobeError, TypeError):
+    """A graph node that moment propagation cannot handle (the message names it)."""
+
+
+@dataclass
+class NodeMoments:
+    """Per-channel moments of one value of the graph.
+
+    Attributes:
+        mean: Channel means ``(C,)`` (features ``(F,)`` after flattening).
+        var: Channel variances, same shape.
+        size: Spatial size ``(H, W)``; None for flat features.
+        pre: For the output of a nondecreasing elementwise map: its Gaussian input and the
+            moment map, so that a following max pool can pool before the map.
+    """
+
+    mean: Tensor
+    var: Tensor
+    size: _Size
+    pre: Optional[tuple[NodeMoments, _Map]] = field(default=None, repr=False)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (features)."""
+        return int(self.mean.shape[-1])
+
+
+class _Opaque:
+    """A non-tensor value (a shape, a size): only view/reshape may consume it."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+class _Unsupported(Exception):
+    """Raised inside a rule; the walker adds the node's name, target and module type."""
+
+
+@dataclass
+class RuleCall:
+    """What a rule receives: the node, its module/function/method name, resolved arguments.
+
+    Attributes:
+        node: The fx node.
+        target: The module (``call_module``), function (``call_function``) or method name.
+        args: Positional arguments, nodes replaced by their values (:class:`NodeMoments`,
+            constants, or opaque shapes).
+        kwargs: Keyword arguments, likewise.
+    """
+
+    node: fx.Node
+    target: Any
+    args: tuple
+    kwargs: dict
+
+    def arg(self, index: int, name: str, default: Any = inspect.Parameter.empty) -> Any:
+        """Argument by position or keyword (``default`` when absent)."""
+        if index < len(self.args):
+            return self.args[index]
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if default is inspect.Parameter.empty:
+            raise _Unsupported(f"missing argument {name!r}")
+        return default
+
+    def moments(self, index: int = 0, name: str = "input") -> NodeMoments:
+        """The tensor argument at ``index`` (error if it is not a tensor value)."""
+        value = self.arg(index, name)
+        if not isinstance(value, NodeMoments):
+            raise _Unsupported(f"argument {name!r} is not a tensor of the graph ({value!r})")
+        return value
+
+
+Rule = Callable[[RuleCall], Any]
+
+MODULE_RULES: dict[type, Rule] = {}
+"""Rules of ``call_module`` nodes by module type (a subclass uses its base's rule unless it
+overrides ``forward``)."""
+FUNCTION_RULES: dict[Any, Rule] = {}
+"""Rules of ``call_function`` nodes by function."""
+METHOD_RULES: dict[str, Rule] = {}
+"""Rules of ``call_method`` nodes (tensor methods) by name."""
+
+
+def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for ``call_module`` nodes of the given module types."""
+
+    def deco(rule: Rule) -> Rule:
+        for t in types:
+            MODULE_RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def register_function_rule(*functions: Any) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for ``call_function`` nodes of the given functions."""
+
+    def deco(rule: Rule) -> Rule:
+        for f in functions:
+            FUNCTION_RULES[f] = rule
+        return rule
+
+    return deco
+
+
+def register_method_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for ``call_method`` nodes of the given tensor methods."""
+
+    def deco(rule: Rule) -> Rule:
+        for n in names:
+            METHOD_RULES[n] = rule
+        return rule
+
+    return deco
+
+
+def _module_rule(module: nn.Module) -> Optional[Rule]:
+    kind = type(module)
+    for base in kind.__mro__:
+        rule = MODULE_RULES.get(base)
+        if rule is not None and (base is kind or kind.forward is base.forward):
+            return rule
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise maps
+
+
+def _elementwise(x: NodeMoments, fn: _Map, monotone: bool) -> NodeMoments:
+    mean, var = fn(x.mean, x.var)
+    pre = None
+    if monotone:  # remember the Gaussian input, composing consecutive nondecreasing maps
+        if x.pre is not None:
+            source, inner = x.pre
+            pre = (source, lambda m, v, inner=inner: fn(*inner(m, v)))
+        else:
+            pre = (x, fn)
+    return NodeMoments(mean, var, x.size, pre)
+
+
+def _identity_map(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return m, v
+
+
+def _quadrature(fn: Callable[[Tensor], Tensor]) -> _Map:
+    return lambda m, v: gaussian_map_moments(fn, m, v)
+
+
+def _relu_map(slope: float) -> _Map:
+    return lambda m, v: leaky_relu_moments(m, v, slope)
+
+
+def _hardtanh_map(lo: float, hi: float) -> _Map:
+    return lambda m, v: hardtanh_moments(m, v, lo, hi)
+
+
+def _gelu_map(approximate: str) -> _Map:
+    return _quadrature(functools.partial(F.gelu, approximate=approximate))
+
+
+def _softplus_map(beta: float, threshold: float) -> _Map:
+    return _quadrature(functools.partial(F.softplus, beta=beta, threshold=threshold))
+
+
+def _module_map(module: nn.Module) -> tuple[_Map, bool]:
+    # (moment map, nondecreasing) of an activation module
+    if isinstance(module, nn.ReLU):
+        return _relu_map(0.0), True
+    if isinstance(module, nn.LeakyReLU):
+        return _relu_map(module.negative_slope), module.negative_slope >= 0
+    if isinstance(module, nn.Hardtanh):  # also ReLU6
+        return _hardtanh_map(module.min_val, module.max_val), True
+    if isinstance(module, nn.Hardsigmoid):
+        return hardsigmoid_moments, True
+    if isinstance(module, nn.Hardswish):
+        return hardswish_moments, False
+    if isinstance(module, nn.SiLU):
+        return _quadrature(F.silu), False
+    if isinstance(module, nn.GELU):
+        return _gelu_map(module.approximate), False
+    if isinstance(module, nn.Mish):
+        return _quadrature(F.mish), False
+    if isinstance(module, nn.Sigmoid):
+        return _quadrature(torch.sigmoid), True
+    if isinstance(module, nn.Tanh):
+        return _quadrature(torch.tanh), True
+    if isinstance(module, nn.Softplus):
+        return _softplus_map(module.beta, module.threshold), True
+    return _identity_map, True  # Identity, Dropout, StochasticDepth (eval-mode maps)
+
+
+@register_module_rule(
+    nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.SiLU,
+    nn.GELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    StochasticDepth,
+)  # fmt: skip
+def _activation_module(call: RuleCall) -> NodeMoments:
+    fn, monotone = _module_map(call.target)
+    return _elementwise(call.moments(0), fn, monotone)
+
+
+def _function_map(call: RuleCall) -> tuple[_Map, bool]:
+    f = call.target
+    if f in (F.relu, torch.relu, "relu", "relu_"):
+        return _relu_map(0.0), True
+    if f is F.leaky_relu:
+        slope = float(call.arg(1, "negative_slope", 0.01))
+        return _relu_map(slope), slope >= 0
+    if f is F.relu6:
+        return _hardtanh_map(0.0, 6.0), True
+    if f is F.hardtanh:
+        return _hardtanh_map(float(call.arg(1, "min_val", -1.0)), float(call.arg(2, "max_val", 1.0))), True
+    if f is F.hardsigmoid:
+        return hardsigmoid_moments, True
+    if f is F.hardswish:
+        return hardswish_moments, False
+    if f is F.silu:
+        return _quadrature(F.silu), False
+    if f is F.gelu:
+        return _gelu_map(call.arg(1, "approximate", "none")), False
+    if f is F.mish:
+        return _quadrature(F.mish), False
+    if f in (torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"):
+        return _quadrature(torch.sigmoid), True
+    if f in (torch.tanh, F.tanh, "tanh", "tanh_"):
+        return _quadrature(torch.tanh), True
+    if f is F.softplus:
+        return _softplus_map(float(call.arg(1, "beta", 1.0)), float(call.arg(2, "threshold", 20.0))), True
+    return _identity_map, True  # dropout, stochastic depth, contiguous, clone
+
+
+@register_function_rule(
+    F.relu, torch.relu, F.leaky_relu, F.relu6, F.hardtanh, F.hardsigmoid, F.hardswish, F.silu,
+    F.gelu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, stochastic_depth,
+)  # fmt: skip
+@register_method_rule("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone")
+def _activation_function(call: RuleCall) -> NodeMoments:
+    fn, monotone = _function_map(call)
+    return _elementwise(call.moments(0), fn, monotone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear maps
+
+
+@register_module_rule(nn.Conv2d)
+def _conv2d(call: RuleCall) -> NodeMoments:
+    conv: nn.Conv2d = call.target
+    x = call.moments(0)
+    if x.size is None:
+        raise _Unsupported("Conv2d on flat features")
+    mean, var = conv2d_moments(
+        x.mean, x.var, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+        conv.groups, x.size, conv.padding_mode,
+    )  # fmt: skip
+    size = conv2d_output_size(x.size, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return NodeMoments(mean, var, size)
+
+
+@register_module_rule(nn.Linear)
+def _linear(call: RuleCall) -> NodeMoments:
+    x = call.moments(0)
+    if x.size is not None:
+        raise _Unsupported(f"Linear on a (C, H, W) = ({x.channels}, {x.size[0]}, {x.size[1]}) tensor")
+    mean, var = conv_moments(x.mean, x.var, call.target.weight, call.target.bias)
+    return NodeMoments(mean, var, None)
+
+
+@register_module_rule(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, NoisyBatchNorm2d, SyncBatchNorm2d
+)
+def _batch_norm(call: RuleCall) -> NodeMoments:
+    bn = call.target
+    x = call.moments(0)
+    if bn.training or bn.running_mean is None:  # batch statistics, taken as the population's
+        x_mean, x_var = torch.zeros_like(x.mean), x.var / (x.var + bn.eps)
+    else:
+        inv = (bn.running_var + bn.eps).rsqrt()
+        x_mean, x_var = (x.mean - bn.running_mean) * inv, x.var * inv * inv
+    mean, var = affine_moments(x_mean, x_var, bn.weight, bn.bias, getattr(bn, "noise", None))
+    return NodeMoments(mean, var, x.size)
+
+
+def _accepts_input_size(module: nn.Module) -> bool:
+    try:
+        return "input_size" in inspect.signature(module.propagate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _propagate_method(module: nn.Module, x: NodeMoments) -> NodeMoments:
+    if _accepts_input_size(module):
+        mean, var = module.propagate(x.mean, x.var, input_size=x.size)
+    else:
+        mean, var = module.propagate(x.mean, x.var)
+    size = x.size
+    if size is not None and hasattr(module, "kernel_size") and hasattr(module, "stride"):
+        size = conv2d_output_size(
+            size, module.kernel_size, module.stride, getattr(module, "padding", 0),
+            getattr(module, "dilation", 1),
+        )  # fmt: skip
+    return NodeMoments(mean, var, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+
+
+def _spatial(x: NodeMoments, what: str) -> tuple[int, int]:
+    if x.size is None:
+        raise _Unsupported(f"{what} on flat features")
+    return x.size
+
+
+def _avg_pool(x: NodeMoments, k, s, p, ceil_mode, include_pad, divisor) -> NodeMoments:
+    size = _spatial(x, "avg_pool2d")
+    mean, var = avg_pool2d_moments(
+        x.mean, x.var, k, s, p, ceil_mode, include_pad, divisor, input_size=size
+    )
+    return NodeMoments(mean, var, pool2d_output_size(size, k, s, p, 1, ceil_mode))
+
+
+def _max_pool(x: NodeMoments, k, s, p, d, ceil_mode) -> NodeMoments:
+    size = _spatial(x, "max_pool2d")
+    out = pool2d_output_size(size, k, s, p, d, ceil_mode)
+    source, fn = x.pre if x.pre is not None else (x, None)
+    pooled = NodeMoments(
+        *max_pool2d_moments(source.mean, source.var, k, s, p, d, ceil_mode, input_size=size), out
+    )
+    if fn is None:
+        return pooled
+    return _elementwise(pooled, fn, True)  # max commutes with the nondecreasing map
+
+
+def _adaptive_avg_pool(x: NodeMoments, output_size) -> NodeMoments:
+    size = _spatial(x, "adaptive_avg_pool2d")
+    outs = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out = tuple(size[i] if outs[i] is None else int(outs[i]) for i in range(2))
+    mean, var = adaptive_avg_pool2d_moments(x.mean, x.var, out, input_size=size)
+    return NodeMoments(mean, var, out)
+
+
+@register_module_rule(nn.AvgPool2d)
+def _avg_pool_module(call: RuleCall) -> NodeMoments:
+    p = call.target
+    return _avg_pool(call.moments(0), p.kernel_size, p.stride, p.padding, p.ceil_mode,
+                     p.count_include_pad, p.divisor_override)  # fmt: skip
+
+
+@register_function_rule(F.avg_pool2d)
+def _avg_pool_function(call: RuleCall) -> NodeMoments:
+    return _avg_pool(
+        call.moments(0), call.arg(1, "kernel_size"), call.arg(2, "stride", None),
+        call.arg(3, "padding", 0), call.arg(4, "ceil_mode", False),
+        call.arg(5, "count_include_pad", True), call.arg(6, "divisor_override", None),
+    )  # fmt: skip
+
+
+@register_module_rule(nn.MaxPool2d)
+def _max_pool_module(call: RuleCall) -> NodeMoments:
+    p = call.target
+    if p.return_indices:
+        raise _Unsupported("MaxPool2d with return_indices")
+    return _max_pool(call.moments(0), p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode)
+
+
+@register_function_rule(F.max_pool2d)
+def _max_pool_function(call: RuleCall) -> NodeMoments:
+    if call.arg(6, "return_indices", False):
+        raise _Unsupported("max_pool2d with return_indices")
+    return _max_pool(
+        call.moments(0), call.arg(1, "kernel_size"), call.arg(2, "stride", None),
+        call.arg(3, "padding", 0), call.arg(4, "dilation", 1), call.arg(5, "ceil_mode", False),
+    )  # fmt: skip
+
+
+@register_module_rule(nn.AdaptiveAvgPool2d)
+def _adaptive_avg_pool_module(call: RuleCall) -> NodeMoments:
+    return _adaptive_avg_pool(call.moments(0), call.target.output_size)
+
+
+@register_function_rule(F.adaptive_avg_pool2d)
+def _adaptive_avg_pool_function(call: RuleCall) -> NodeMoments:
+    return _adaptive_avg_pool(call.moments(0), call.arg(1, "output_size"))
+
+
+def _dims(value: Any) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int) else tuple(int(d) for d in value)
+
+
+@register_function_rule(torch.mean)
+@register_method_rule("mean")
+def _mean(call: RuleCall) -> NodeMoments:
+    x = call.moments(0)
+    dims = sorted(d % 4 for d in _dims(call.arg(1, "dim", ())))
+    if x.size is None or dims != [2, 3]:
+        raise _Unsupported(f"mean over dims {call.arg(1, 'dim', None)!r} (only (2, 3) of a 4-D tensor)")
+    pooled = _adaptive_avg_pool(x, 1)
+    return pooled if call.arg(2, "keepdim", False) else _flatten(pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: flatten/view/reshape for a classifier, concatenation
+
+
+def _flatten(x: NodeMoments) -> NodeMoments:
+    if x.size is None:
+        return x
+    positions = x.size[0] * x.size[1]
+    return NodeMoments(x.mean.repeat_interleave(positions), x.var.repeat_interleave(positions), None)
+
+
+@register_module_rule(nn.Flatten)
+def _flatten_module(call: RuleCall) -> NodeMoments:
+    f = call.target
+    if f.start_dim != 1 or f.end_dim != -1:
+        raise _Unsupported(f"Flatten(start_dim={f.start_dim}, end_dim={f.end_dim}); only (1, -1)")
+    return _flatten(call.moments(0))
+
+
+@register_function_rule(torch.flatten)
+@register_method_rule("flatten")
+def _flatten_function(call: RuleCall) -> NodeMoments:
+    start, end = int(call.arg(1, "start_dim", 0)), int(call.arg(2, "end_dim", -1))
+    if start != 1 or end != -1:
+        raise _Unsupported(f"flatten(start_dim={start}, end_dim={end}); only (1, -1)")
+    return _flatten(call.moments(0))
+
+
+@register_function_rule(torch.reshape)
+@register_method_rule("view", "reshape")
+def _reshape(call: RuleCall) -> NodeMoments:
+    x = call.moments(0)
+    shape = call.args[1:] if call.args[1:] else (call.kwargs.get("shape") or call.kwargs.get("size"),)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    numel = x.channels * (1 if x.size is None else x.size[0] * x.size[1])
+    if len(shape) == 2 and (shape[1] == -1 or shape[1] == numel):
+        return _flatten(x)
+    raise _Unsupported(f"reshape to {shape!r}; only (batch, -1) flattening for a classifier")
+
+
+@register_function_rule(torch.cat, torch.concat)
+def _cat(call: RuleCall) -> NodeMoments:
+    parts = call.arg(0, "tensors")
+    dim = int(call.arg(1, "dim", 0))
+    if not parts or not all(isinstance(p, NodeMoments) for p in parts):
+        raise _Unsupported("cat of values that are not all tensors of the graph")
+    sizes = {p.size for p in parts}
+    flat = parts[0].size is None
+    if len(sizes) != 1 or dim not in ((1, -1) if flat else (1, -3)):
+        raise _Unsupported(f"cat along dim {dim} of sizes {sorted(map(str, sizes))}; only channels")
+    mean, var = concat_moments([(p.mean, p.var) for p in parts])
+    return NodeMoments(mean, var, parts[0].size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic: sums and products of independent values, affine maps by constants
+
+
+def _constant(value: Any, like: NodeMoments) -> Tensor:
+    # a python number or a tensor constant, as a scalar or per-channel tensor
+    t = torch.as_tensor(value, dtype=like.mean.dtype, device=like.mean.device)
+    if t.numel() == 1:
+        return t.reshape(())
+    channel_dim = -3 if like.size is not None else -1
+    if t.dim() >= -channel_dim and t.shape[channel_dim] == like.channels and t.numel() == like.channels:
+        return t.reshape(-1)
+    raise _Unsupported(f"constant of shape {tuple(t.shape)} is not per-channel")
+
+
+def _broadcast_size(a: _Size, b: _Size) -> _Size:
+    if a == b or b == (1, 1):
+        return a
+    if a == (1, 1):
+        return b
+    raise _Unsupported(f"operands of spatial sizes {a} and {b}")
+
+
+def _operands(call: RuleCall, names: Sequence[str]) -> tuple[Any, Any]:
+    return call.arg(0, names[0]), call.arg(1, names[1])
+
+
+def _shift(x: NodeMoments, c: Tensor) -> NodeMoments:
+    return NodeMoments(x.mean + c, x.var, x.size)
+
+
+def _scale(x: NodeMoments, c: Tensor) -> NodeMoments:
+    return NodeMoments(x.mean * c, x.var * c * c, x.size)
+
+
+def _add_values(a: Any, b: Any) -> NodeMoments:
+    if isinstance(a, NodeMoments) and isinstance(b, NodeMoments):
+        mean, var = add_moments((a.mean, a.var), (b.mean, b.var))
+        return NodeMoments(mean, var, _broadcast_size(a.size, b.size))
+    if isinstance(a, NodeMoments):
+        return _shift(a, _constant(b, a))
+    if isinstance(b, NodeMoments):
+        return _shift(b, _constant(a, b))
+    raise _Unsupported("addition of two constants")
+
+
+@register_function_rule(operator.add, operator.iadd, torch.add)
+@register_method_rule("add", "add_")
+def _add(call: RuleCall) -> NodeMoments:
+    a, b = _operands(call, ("input", "other"))
+    alpha = call.kwargs.get("alpha", 1)
+    if alpha != 1:
+        b = _scale(b, _constant(alpha, b)) if isinstance(b, NodeMoments) else b * alpha
+    return _add_values(a, b)
+
+
+@register_function_rule(operator.sub, operator.isub, torch.sub)
+@register_method_rule("sub", "sub_")
+def _sub(call: RuleCall) -> NodeMoments:
+    a, b = _operands(call, ("input", "other"))
+    neg = _scale(b, torch.tensor(-1.0)) if isinstance(b, NodeMoments) else -b
+    return _add_values(a, neg)
+
+
+@register_function_rule(operator.mul, operator.imul, torch.mul)
+@register_method_rule("mul", "mul_")
+def _mul(call: RuleCall) -> NodeMoments:
+    a, b = _operands(call, ("input", "other"))
+    if isinstance(a, NodeMoments) and isinstance(b, NodeMoments):
+        mean, var = product_moments(a.mean, a.var, b.mean, b.var)
+        return NodeMoments(mean, var, _broadcast_size(a.size, b.size))
+    if isinstance(a, NodeMoments):
+        return _scale(a, _constant(b, a))
+    if isinstance(b, NodeMoments):
+        return _scale(b, _constant(a, b))
+    raise _Unsupported("product of two constants")
+
+
+@register_function_rule(operator.truediv, operator.itruediv, torch.div)
+@register_method_rule("div", "div_")
+def _div(call: RuleCall) -> NodeMoments:
+    a, b = _operands(call, ("input", "other"))
+    if not isinstance(a, NodeMoments) or isinstance(b, NodeMoments):
+        raise _Unsupported("division other than by a constant")
+    return _scale(a, 1.0 / _constant(b, a))
+
+
+@register_function_rule(getattr, operator.getitem)
+@register_method_rule("size", "dim")
+def _opaque(call: RuleCall) -> _Opaque:
+    # x.shape, x.size(0), shape[0]: only consumed by view/reshape
+    source = call.args[0] if call.args else None
+    if isinstance(source, NodeMoments) and call.target is operator.getitem:
+        raise _Unsupported("indexing a tensor")
+    return _Opaque()
+
+
+# ---------------------------------------------------------------------------------------------
+# The walk
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return callable(getattr(module, "propagate", None)) or _module_rule(module) is not None
+
+
+class _Tracer(fx.Tracer):
+    """Keeps modules that moment propagation handles (and torch.nn's) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` with ``torch.fx``, keeping every module that has a rule as a leaf.
+
+    Leaves are modules with a ``propagate`` method (AN/WN layers, noise modules), every module
+    type in :data:`MODULE_RULES` (e.g. BatchNorm subclasses, torchvision's
+    ``StochasticDepth``) and torch.nn's own modules. The graph module shares the model's
+    submodules, so :func:`propagate_graph` on it stores moments in the model's AN layers.
+
+    Args:
+        model: The network (in the mode it will run in; training-mode branches are traced).
+
+    Returns:
+        The ``GraphModule``.
+
+    Raises:
+        BnprobeError: If the model cannot be traced symbolically.
+    """
+    if _is_leaf(model):  # the root is always traced through: wrap a lone leaf
+        model = nn.Sequential(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # fx raises many kinds (TraceError, TypeError, ...)
+        raise BnprobeError(f"cannot trace {type(model).__name__} with torch.fx: {err}") from err
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return f"node {node.name!r} (call_module {node.target!r}, module type {type(module).__name__})"
+    if node.op == "call_function":
+        name = getattr(node.target, "__qualname__", None) or repr(node.target)
+        module = getattr(node.target, "__module__", None)
+        return f"node {node.name!r} (call_function {module + '.' if module else ''}{name})"
+    return f"node {node.name!r} ({node.op} {node.target!r})"
+
+
+def _apply(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if callable(getattr(module, "propagate", None)):
+            x = args[0] if args else None
+            if not isinstance(x, NodeMoments):
+                raise _Unsupported("input is not a tensor of the graph")
+            return _propagate_method(module, x)
+        rule, target = _module_rule(module), module
+    elif node.op == "call_function":
+        rule, target = FUNCTION_RULES.get(node.target), node.target
+    elif node.op == "call_method":
+        rule, target = METHOD_RULES.get(node.target), node.target
+    else:  # get_attr: a constant tensor
+        rule, target = None, None
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, Tensor) else value
+    if rule is None:
+        raise _Unsupported("no rule for it")
+    return rule(RuleCall(node, target, tuple(args), dict(kwargs)))
+
+
+def graph_moments(
+    gm: Union[fx.GraphModule, nn.Module],
+    mean: Tensor,
+    var: Tensor,
+    input_size: Sequence[int],
+) -> dict[str, NodeMoments]:
+    """Like :func:`propagate_graph`, returning :class:`NodeMoments` (with spatial sizes).
+
+    Args:
+        gm: Traced network (a plain module is traced with :func:`trace`).
+        mean: Input channel means ``(C_in,)``.
+        var: Input channel variances ``(C_in,)``.
+        input_size: Input ``(H, W)``.
+
+    Returns:
+        Node name -> moments of that node's output, for every tensor-valued node in
+        topological order (the input placeholder first, ``"output"`` last when the network
+        returns one tensor).
+
+    Raises:
+        UnsupportedNodeError: For a node without a rule, naming it, its target and module
+            type, or for a rule that cannot handle the node's arguments.
+        BnprobeError: If the graph does not have exactly one input, or the moments do not
+            have shape ``(C_in,)``.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        gm = trace(gm)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise BnprobeError(f"propagate_graph: the graph needs exactly one input, it has {len(inputs)}")
+    if mean.dim() != 1 or tuple(var.shape) != tuple(mean.shape):
+        raise BnprobeError(
+            f"propagate_graph: input moments must both be (C_in,), got {tuple(mean.shape)} "
+            f"and {tuple(var.shape)}"
+        )
+    env: dict[fx.Node, Any] = {}
+    out: dict[str, NodeMoments] = {}
+    size = (int(input_size[0]), int(input_size[1]))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value: Any = NodeMoments(mean, var, size)
+        elif node.op == "output":
+            value = fx.node.map_arg(node.args[0], lambda n: env[n])
+        else:
+            try:
+                value = _apply(gm, node, env)
+            except _Unsupported as err:
+                raise UnsupportedNodeError(
+                    f"propagate_graph: {_describe(gm, node)} is not supported: {err} (the "
+                    "supported nodes are listed by bnprobe.norms.an_graph.supported(); give the "
+                    "module a propagate(m, v) method or register a rule)"
+                ) from None
+            except ValueError as err:
+                raise UnsupportedNodeError(f"propagate_graph: {_describe(gm, node)}: {err}") from err
+        env[node] = value
+        if isinstance(value, NodeMoments):
+            out[node.name] = value
+    return out
+
+
+def propagate_graph(
+    gm: Union[fx.GraphModule, nn.Module],
+    mean: Tensor,
+    var: Tensor,
+    input_size: Sequence[int],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Propagate input channel moments through a traced network, storing them in AN layers.
+
+    Walks ``gm``'s nodes in topological order from its single input, applies each node's rule
+    (module, function or method; see the module docstring for the approximations) and calls
+    ``propagate`` on every module that has one, so :class:`~bnprobe.norms.an.ANConv2d` layers
+    store the moments they normalize by (with the spatial size of their input). Call it
+    before every forward of an AN network (the stored moments keep their autograd graph).
+
+    Args:
+        gm: Traced network (``trace(model)``; a plain module is traced here).
+        mean: Channel means of the network's input ``(C_in,)``, e.g. from
+            :func:`~bnprobe.norms.an.dataset_channel_moments`.
+        var: Channel variances of the input ``(C_in,)``.
+        input_size: Spatial size ``(H, W)`` of the input.
+
+    Returns:
+        Node name -> ``(mean, var)`` of the node's output for every tensor-valued node
+        (channels, or features after flattening).
+
+    Raises:
+        UnsupportedNodeError: For a node without a rule (naming the node, its target and the
+            module type).
+        BnprobeError: If the graph does not have exactly one input.
+    """
+    return {k: (v.mean, v.var) for k, v in graph_moments(gm, mean, var, input_size).items()}
+
+
+def supported() -> str:
+    """One line listing the supported module types, functions and methods."""
+    modules = sorted({t.__name__ for t in MODULE_RULES})
+    functions = sorted({getattr(f, "__name__", repr(f)) for f in FUNCTION_RULES})
+    return (
+        f"modules with a propagate(m, v) method; modules {', '.join(modules)}; functions "
+        f"{', '.join(functions)}; tensor methods {', '.join(sorted(METHOD_RULES))}"
+    )
