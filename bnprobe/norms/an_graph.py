@@ -1,18 +1,22 @@
 """Analytic normalization beyond chains: moment propagation over a ``torch.fx`` graph.
 
 :func:`propagate_graph` walks the nodes of a traced network in topological order, from its
-single input (the dataset's per-channel moments) to its output, and gives every value its
-per-channel mean and variance and its spatial size. Each node is handled by a rule looked up
+single input (the dataset's per-channel moments) to its output, and gives every value the
+mean and variance of each of its positions and channels (a moment map ``(H, W, C)``, see
+:mod:`bnprobe.norms.moment_maps`; ``(F,)`` for flat features), from which the per-channel
+moments that a normalization sees are the mixture over positions. Each node is handled by a rule looked up
 in a registry (BackPACK style): ``call_module`` nodes by the module's type
 (:data:`MODULE_RULES`), ``call_function`` nodes by the function (:data:`FUNCTION_RULES`),
 ``call_method`` nodes by the method name (:data:`METHOD_RULES`). A module with a
 ``propagate(m, v)`` method (:class:`~bnprobe.norms.an.ANConv2d`,
 :class:`~bnprobe.norms.wn.WNConv2d`, ``WNLinear``, the noise modules, ``ChannelAffine``) is
-handled by that method, before any registered rule; ``ANConv2d.propagate`` stores the moments
-that the layer normalizes by (and receives the input's spatial size, so that it accounts for
-its zero padding), so calling :func:`propagate_graph` before a forward makes an AN network
-normalize correctly. Gradients flow through the stored moments as in
-:func:`~bnprobe.norms.an.propagate_sequence`: call it again before every forward.
+handled by that method, before any registered rule: it receives moment maps ``(H, W, C)``
+(channels last, so per-channel modules broadcast) or feature vectors, and must return the
+same kind. ``ANConv2d.propagate`` stores the maps that the layer normalizes by (its
+normalizer is their mixture over its output positions, borders included), so calling
+:func:`propagate_graph` before a forward makes an AN network normalize correctly. Gradients
+flow through the stored moments as in :func:`~bnprobe.norms.an.propagate_sequence`: call it
+again before every forward.
 
 Approximations (see :mod:`bnprobe.norms.moments` for the rules themselves):
 
@@ -26,13 +30,15 @@ Approximations (see :mod:`bnprobe.norms.moments` for the rules themselves):
   follows a nondecreasing elementwise map (ReLU, ReLU6, leaky ReLU, sigmoid, ...) is computed
   on that map's Gaussian input and mapped afterwards (``max`` commutes with such maps, so this
   is exact where the input is Gaussian).
-* Within a channel all positions of the input have the same moments; zero padding of
-  convolutions and pools is accounted for by mixing the output positions' moments.
+* The input image's positions all have the dataset's channel moments. From there on every
+  position has its own moments: zero padding (which pulls border means towards 0 and lowers
+  their variance) is exact, which matters for small inputs into strided networks (a 32x32
+  image is 2x2 and 1x1 in resnet18's last stage).
 * The network is the deterministic one: dropout and stochastic depth are the identity, noise
   modules their eval-mode map. BatchNorm in eval mode is the affine map of its running
   statistics; in training mode (or without running statistics) it normalizes by the batch,
   taken to equal the population, so its output has moments ``(bias, weight^2)``.
-* Flattening ``(C, H, W)`` repeats each channel's moments over its ``H * W`` features.
+* Flattening ``(C, H, W)`` gives each feature its position's moments.
 
 Supported nodes: see :data:`MODULE_RULES`, :data:`FUNCTION_RULES` and :data:`METHOD_RULES`, or
 ``supported()``; add rules with :func:`register_module_rule`, :func:`register_function_rule`
@@ -55,21 +61,25 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 
 from ..errors import BnprobeError
 from .bn import NoisyBatchNorm2d
+from .moment_maps import (
+    adaptive_avg_pool2d_map_moments,
+    avg_pool2d_map_moments,
+    channel_moments,
+    conv2d_map_moments,
+    flatten_map_moments,
+    max_pool2d_map_moments,
+)
 from .moments import (
-    adaptive_avg_pool2d_moments,
+    _hermite_rule,
+    _var_floor,
     add_moments,
-    avg_pool2d_moments,
     concat_moments,
-    conv2d_moments,
-    conv2d_output_size,
     conv_moments,
     gaussian_map_moments,
     hardsigmoid_moments,
     hardswish_moments,
     hardtanh_moments,
     leaky_relu_moments,
-    max_pool2d_moments,
-    pool2d_output_size,
     product_moments,
 )
 from .syncbn import SyncBatchNorm2d
@@ -100,25 +110,37 @@ class UnsupportedNodeError(BnprobeError, TypeError):
 
 @dataclass
 class NodeMoments:
-    """Per-channel moments of one value of the graph.
+    """Moments of one value of the graph.
 
     Attributes:
-        mean: Channel means ``(C,)`` (features ``(F,)`` after flattening).
-        var: Channel variances, same shape.
-        size: Spatial size ``(H, W)``; None for flat features.
-        pre: For the output of a nondecreasing elementwise map: its Gaussian input and the
-            moment map, so that a following max pool can pool before the map.
+        mean: Means per position and channel ``(H, W, C)``, or per feature ``(F,)``.
+        var: Variances, same shape.
+        pre: For the output of an elementwise map ``act(Y)``: ``(Y, act)``, ``Y`` treated as
+            Gaussian (a max pool after a nondecreasing map pools ``Y``; a sum with a Gaussian
+            keeps the form, see ``parts``).
+        parts: For a sum ``A + act(Y)`` of a Gaussian ``A`` and such an output:
+            ``(mean_A, var_A, Y, act)``, so that a closed-form nonlinearity of the sum is
+            computed exactly (by quadrature over ``Y``) instead of Gaussianizing it.
     """
 
     mean: Tensor
     var: Tensor
-    size: _Size
-    pre: Optional[tuple[NodeMoments, _Map]] = field(default=None, repr=False)
+    pre: Optional[tuple[NodeMoments, _Activation]] = field(default=None, repr=False)
+    parts: Optional[tuple[Tensor, Tensor, NodeMoments, _Activation]] = field(default=None, repr=False)
+
+    @property
+    def size(self) -> _Size:
+        """Spatial size ``(H, W)``; None for flat features."""
+        return None if self.mean.dim() == 1 else (int(self.mean.shape[0]), int(self.mean.shape[1]))
 
     @property
     def channels(self) -> int:
         """Number of channels (features)."""
         return int(self.mean.shape[-1])
+
+    def channel(self) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(mean, var)``: the mixture over positions (what BN measures)."""
+        return channel_moments(self.mean, self.var)
 
 
 class _Opaque:
@@ -224,67 +246,99 @@ def _module_rule(module: nn.Module) -> Optional[Rule]:
 # Elementwise maps
 
 
-def _elementwise(x: NodeMoments, fn: _Map, monotone: bool) -> NodeMoments:
-    mean, var = fn(x.mean, x.var)
-    pre = None
-    if monotone:  # remember the Gaussian input, composing consecutive nondecreasing maps
-        if x.pre is not None:
-            source, inner = x.pre
-            pre = (source, lambda m, v, inner=inner: fn(*inner(m, v)))
-        else:
-            pre = (x, fn)
-    return NodeMoments(mean, var, x.size, pre)
+@dataclass(frozen=True)
+class _Activation:
+    """An elementwise map: its moment rule for a Gaussian input and its pointwise function."""
+
+    moments: _Map
+    pointwise: Callable[[Tensor], Tensor]
+    monotone: bool  # nondecreasing: commutes with max pooling
+    closed_form: bool  # cheap enough to evaluate at every node of a quadrature
 
 
-def _identity_map(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    return m, v
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
-def _quadrature(fn: Callable[[Tensor], Tensor]) -> _Map:
-    return lambda m, v: gaussian_map_moments(fn, m, v)
+_IDENTITY = _Activation(lambda m, v: (m, v), _identity, True, True)
 
 
-def _relu_map(slope: float) -> _Map:
-    return lambda m, v: leaky_relu_moments(m, v, slope)
+def _compose(outer: _Activation, inner: _Activation) -> _Activation:
+    return _Activation(
+        lambda m, v: outer.moments(*inner.moments(m, v)),
+        lambda x: outer.pointwise(inner.pointwise(x)),
+        outer.monotone and inner.monotone,
+        outer.closed_form and inner.closed_form,
+    )
 
 
-def _hardtanh_map(lo: float, hi: float) -> _Map:
-    return lambda m, v: hardtanh_moments(m, v, lo, hi)
+def _sum_rule(parts: tuple[Tensor, Tensor, NodeMoments, _Activation], act: _Activation, order: int = 64):
+    # moments of act(A + h(Y)), A ~ N(a_m, a_v) independent of Y ~ N(m_Y, v_Y): Gauss-Hermite
+    # over Y of the closed-form moments of act(A + c) at c = h(y_i)
+    a_m, a_v, y, h = parts
+    a_m, a_v, y_m, y_v = torch.broadcast_tensors(a_m, a_v, y.mean, y.var)
+    nodes, weights = _hermite_rule(order)
+    z = torch.as_tensor(nodes, dtype=a_m.dtype, device=a_m.device)
+    w = torch.as_tensor(weights, dtype=a_m.dtype, device=a_m.device)
+    c = h.pointwise(y_m.unsqueeze(-1) + y_v.clamp_min(_var_floor(y_v.dtype)).sqrt().unsqueeze(-1) * z)
+    mu, var = act.moments(a_m.unsqueeze(-1) + c, a_v.unsqueeze(-1).expand_as(c))
+    mean = mu @ w
+    return mean, var @ w + (mu - mean.unsqueeze(-1)).square() @ w
 
 
-def _gelu_map(approximate: str) -> _Map:
-    return _quadrature(functools.partial(F.gelu, approximate=approximate))
+def _elementwise(x: NodeMoments, act: _Activation) -> NodeMoments:
+    if act is _IDENTITY:
+        return x
+    if x.parts is not None and act.closed_form:
+        mean, var = _sum_rule(x.parts, act)
+    else:
+        mean, var = act.moments(x.mean, x.var)
+    pre = (x.pre[0], _compose(act, x.pre[1])) if x.pre is not None and x.parts is None else (x, act)
+    return NodeMoments(mean, var, pre)
 
 
-def _softplus_map(beta: float, threshold: float) -> _Map:
-    return _quadrature(functools.partial(F.softplus, beta=beta, threshold=threshold))
+def _quadrature(fn: Callable[[Tensor], Tensor], monotone: bool) -> _Activation:
+    return _Activation(lambda m, v: gaussian_map_moments(fn, m, v), fn, monotone, False)
 
 
-def _module_map(module: nn.Module) -> tuple[_Map, bool]:
-    # (moment map, nondecreasing) of an activation module
+def _relu(slope: float) -> _Activation:
+    return _Activation(lambda m, v: leaky_relu_moments(m, v, slope),
+                       functools.partial(F.leaky_relu, negative_slope=slope), slope >= 0, True)  # fmt: skip
+
+
+def _hardtanh(lo: float, hi: float) -> _Activation:
+    return _Activation(lambda m, v: hardtanh_moments(m, v, lo, hi),
+                       functools.partial(torch.clamp, min=lo, max=hi), True, True)  # fmt: skip
+
+
+_HARDSIGMOID = _Activation(hardsigmoid_moments, F.hardsigmoid, True, True)
+_HARDSWISH = _Activation(hardswish_moments, F.hardswish, False, True)
+
+
+def _module_activation(module: nn.Module) -> _Activation:
     if isinstance(module, nn.ReLU):
-        return _relu_map(0.0), True
+        return _relu(0.0)
     if isinstance(module, nn.LeakyReLU):
-        return _relu_map(module.negative_slope), module.negative_slope >= 0
+        return _relu(module.negative_slope)
     if isinstance(module, nn.Hardtanh):  # also ReLU6
-        return _hardtanh_map(module.min_val, module.max_val), True
+        return _hardtanh(module.min_val, module.max_val)
     if isinstance(module, nn.Hardsigmoid):
-        return hardsigmoid_moments, True
+        return _HARDSIGMOID
     if isinstance(module, nn.Hardswish):
-        return hardswish_moments, False
+        return _HARDSWISH
     if isinstance(module, nn.SiLU):
-        return _quadrature(F.silu), False
+        return _quadrature(F.silu, False)
     if isinstance(module, nn.GELU):
-        return _gelu_map(module.approximate), False
+        return _quadrature(functools.partial(F.gelu, approximate=module.approximate), False)
     if isinstance(module, nn.Mish):
-        return _quadrature(F.mish), False
+        return _quadrature(F.mish, False)
     if isinstance(module, nn.Sigmoid):
-        return _quadrature(torch.sigmoid), True
+        return _quadrature(torch.sigmoid, True)
     if isinstance(module, nn.Tanh):
-        return _quadrature(torch.tanh), True
+        return _quadrature(torch.tanh, True)
     if isinstance(module, nn.Softplus):
-        return _softplus_map(module.beta, module.threshold), True
-    return _identity_map, True  # Identity, Dropout, StochasticDepth (eval-mode maps)
+        return _quadrature(functools.partial(F.softplus, beta=module.beta, threshold=module.threshold), True)
+    return _IDENTITY  # Identity, Dropout, StochasticDepth (eval-mode maps)
 
 
 @register_module_rule(
@@ -294,38 +348,37 @@ def _module_map(module: nn.Module) -> tuple[_Map, bool]:
     StochasticDepth,
 )  # fmt: skip
 def _activation_module(call: RuleCall) -> NodeMoments:
-    fn, monotone = _module_map(call.target)
-    return _elementwise(call.moments(0), fn, monotone)
+    return _elementwise(call.moments(0), _module_activation(call.target))
 
 
-def _function_map(call: RuleCall) -> tuple[_Map, bool]:
+def _function_activation(call: RuleCall) -> _Activation:
     f = call.target
     if f in (F.relu, torch.relu, "relu", "relu_"):
-        return _relu_map(0.0), True
+        return _relu(0.0)
     if f is F.leaky_relu:
-        slope = float(call.arg(1, "negative_slope", 0.01))
-        return _relu_map(slope), slope >= 0
+        return _relu(float(call.arg(1, "negative_slope", 0.01)))
     if f is F.relu6:
-        return _hardtanh_map(0.0, 6.0), True
+        return _hardtanh(0.0, 6.0)
     if f is F.hardtanh:
-        return _hardtanh_map(float(call.arg(1, "min_val", -1.0)), float(call.arg(2, "max_val", 1.0))), True
+        return _hardtanh(float(call.arg(1, "min_val", -1.0)), float(call.arg(2, "max_val", 1.0)))
     if f is F.hardsigmoid:
-        return hardsigmoid_moments, True
+        return _HARDSIGMOID
     if f is F.hardswish:
-        return hardswish_moments, False
+        return _HARDSWISH
     if f is F.silu:
-        return _quadrature(F.silu), False
+        return _quadrature(F.silu, False)
     if f is F.gelu:
-        return _gelu_map(call.arg(1, "approximate", "none")), False
+        return _quadrature(functools.partial(F.gelu, approximate=call.arg(1, "approximate", "none")), False)
     if f is F.mish:
-        return _quadrature(F.mish), False
+        return _quadrature(F.mish, False)
     if f in (torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"):
-        return _quadrature(torch.sigmoid), True
+        return _quadrature(torch.sigmoid, True)
     if f in (torch.tanh, F.tanh, "tanh", "tanh_"):
-        return _quadrature(torch.tanh), True
+        return _quadrature(torch.tanh, True)
     if f is F.softplus:
-        return _softplus_map(float(call.arg(1, "beta", 1.0)), float(call.arg(2, "threshold", 20.0))), True
-    return _identity_map, True  # dropout, stochastic depth, contiguous, clone
+        beta, threshold = float(call.arg(1, "beta", 1.0)), float(call.arg(2, "threshold", 20.0))
+        return _quadrature(functools.partial(F.softplus, beta=beta, threshold=threshold), True)
+    return _IDENTITY  # dropout, stochastic depth, contiguous, clone
 
 
 @register_function_rule(
@@ -335,8 +388,7 @@ def _function_map(call: RuleCall) -> tuple[_Map, bool]:
 )  # fmt: skip
 @register_method_rule("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone")
 def _activation_function(call: RuleCall) -> NodeMoments:
-    fn, monotone = _function_map(call)
-    return _elementwise(call.moments(0), fn, monotone)
+    return _elementwise(call.moments(0), _function_activation(call))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,12 +401,10 @@ def _conv2d(call: RuleCall) -> NodeMoments:
     x = call.moments(0)
     if x.size is None:
         raise _Unsupported("Conv2d on flat features")
-    mean, var = conv2d_moments(
+    return NodeMoments(*conv2d_map_moments(
         x.mean, x.var, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-        conv.groups, x.size, conv.padding_mode,
-    )  # fmt: skip
-    size = conv2d_output_size(x.size, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    return NodeMoments(mean, var, size)
+        conv.groups, conv.padding_mode,
+    ))  # fmt: skip
 
 
 @register_module_rule(nn.Linear)
@@ -362,8 +412,7 @@ def _linear(call: RuleCall) -> NodeMoments:
     x = call.moments(0)
     if x.size is not None:
         raise _Unsupported(f"Linear on a (C, H, W) = ({x.channels}, {x.size[0]}, {x.size[1]}) tensor")
-    mean, var = conv_moments(x.mean, x.var, call.target.weight, call.target.bias)
-    return NodeMoments(mean, var, None)
+    return NodeMoments(*conv_moments(x.mean, x.var, call.target.weight, call.target.bias))
 
 
 @register_module_rule(
@@ -373,33 +422,24 @@ def _batch_norm(call: RuleCall) -> NodeMoments:
     bn = call.target
     x = call.moments(0)
     if bn.training or bn.running_mean is None:  # batch statistics, taken as the population's
-        x_mean, x_var = torch.zeros_like(x.mean), x.var / (x.var + bn.eps)
+        mu, var = x.channel()
+        inv = (var + bn.eps).rsqrt()
+        x_mean, x_var = (x.mean - mu) * inv, x.var * inv * inv
     else:
         inv = (bn.running_var + bn.eps).rsqrt()
         x_mean, x_var = (x.mean - bn.running_mean) * inv, x.var * inv * inv
-    mean, var = affine_moments(x_mean, x_var, bn.weight, bn.bias, getattr(bn, "noise", None))
-    return NodeMoments(mean, var, x.size)
-
-
-def _accepts_input_size(module: nn.Module) -> bool:
-    try:
-        return "input_size" in inspect.signature(module.propagate).parameters
-    except (TypeError, ValueError):
-        return False
+    return NodeMoments(*affine_moments(x_mean, x_var, bn.weight, bn.bias, getattr(bn, "noise", None)))
 
 
 def _propagate_method(module: nn.Module, x: NodeMoments) -> NodeMoments:
-    if _accepts_input_size(module):
-        mean, var = module.propagate(x.mean, x.var, input_size=x.size)
-    else:
-        mean, var = module.propagate(x.mean, x.var)
-    size = x.size
-    if size is not None and hasattr(module, "kernel_size") and hasattr(module, "stride"):
-        size = conv2d_output_size(
-            size, module.kernel_size, module.stride, getattr(module, "padding", 0),
-            getattr(module, "dilation", 1),
-        )  # fmt: skip
-    return NodeMoments(mean, var, size)
+    mean, var = module.propagate(x.mean, x.var)
+    if mean.dim() != x.mean.dim() or var.shape != mean.shape:
+        raise _Unsupported(
+            f"its propagate(m, v) returned shapes {tuple(mean.shape)}, {tuple(var.shape)} for "
+            f"input moments of shape {tuple(x.mean.shape)} (it must keep the (H, W) dims of a "
+            "moment map, channels last)"
+        )
+    return NodeMoments(mean, var)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,31 +453,22 @@ def _spatial(x: NodeMoments, what: str) -> tuple[int, int]:
 
 
 def _avg_pool(x: NodeMoments, k, s, p, ceil_mode, include_pad, divisor) -> NodeMoments:
-    size = _spatial(x, "avg_pool2d")
-    mean, var = avg_pool2d_moments(
-        x.mean, x.var, k, s, p, ceil_mode, include_pad, divisor, input_size=size
-    )
-    return NodeMoments(mean, var, pool2d_output_size(size, k, s, p, 1, ceil_mode))
+    _spatial(x, "avg_pool2d")
+    return NodeMoments(*avg_pool2d_map_moments(x.mean, x.var, k, s, p, ceil_mode, include_pad, divisor))
 
 
 def _max_pool(x: NodeMoments, k, s, p, d, ceil_mode) -> NodeMoments:
-    size = _spatial(x, "max_pool2d")
-    out = pool2d_output_size(size, k, s, p, d, ceil_mode)
-    source, fn = x.pre if x.pre is not None else (x, None)
-    pooled = NodeMoments(
-        *max_pool2d_moments(source.mean, source.var, k, s, p, d, ceil_mode, input_size=size), out
-    )
-    if fn is None:
-        return pooled
-    return _elementwise(pooled, fn, True)  # max commutes with the nondecreasing map
+    _spatial(x, "max_pool2d")
+    if x.pre is not None and x.pre[1].monotone:  # max commutes with the nondecreasing map
+        source, act = x.pre
+        return _elementwise(NodeMoments(*max_pool2d_map_moments(source.mean, source.var, k, s, p, d,
+                                                                ceil_mode)), act)  # fmt: skip
+    return NodeMoments(*max_pool2d_map_moments(x.mean, x.var, k, s, p, d, ceil_mode))
 
 
 def _adaptive_avg_pool(x: NodeMoments, output_size) -> NodeMoments:
-    size = _spatial(x, "adaptive_avg_pool2d")
-    outs = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    out = tuple(size[i] if outs[i] is None else int(outs[i]) for i in range(2))
-    mean, var = adaptive_avg_pool2d_moments(x.mean, x.var, out, input_size=size)
-    return NodeMoments(mean, var, out)
+    _spatial(x, "adaptive_avg_pool2d")
+    return NodeMoments(*adaptive_avg_pool2d_map_moments(x.mean, x.var, output_size))
 
 
 @register_module_rule(nn.AvgPool2d)
@@ -492,7 +523,7 @@ def _dims(value: Any) -> tuple[int, ...]:
 @register_method_rule("mean")
 def _mean(call: RuleCall) -> NodeMoments:
     x = call.moments(0)
-    dims = sorted(d % 4 for d in _dims(call.arg(1, "dim", ())))
+    dims = sorted(d % 4 for d in _dims(call.arg(1, "dim", ())))  # of the (N, C, H, W) tensor
     if x.size is None or dims != [2, 3]:
         raise _Unsupported(f"mean over dims {call.arg(1, 'dim', None)!r} (only (2, 3) of a 4-D tensor)")
     pooled = _adaptive_avg_pool(x, 1)
@@ -504,10 +535,7 @@ def _mean(call: RuleCall) -> NodeMoments:
 
 
 def _flatten(x: NodeMoments) -> NodeMoments:
-    if x.size is None:
-        return x
-    positions = x.size[0] * x.size[1]
-    return NodeMoments(x.mean.repeat_interleave(positions), x.var.repeat_interleave(positions), None)
+    return NodeMoments(*flatten_map_moments(x.mean, x.var))
 
 
 @register_module_rule(nn.Flatten)
@@ -534,7 +562,7 @@ def _reshape(call: RuleCall) -> NodeMoments:
     shape = call.args[1:] if call.args[1:] else (call.kwargs.get("shape") or call.kwargs.get("size"),)
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    numel = x.channels * (1 if x.size is None else x.size[0] * x.size[1])
+    numel = x.mean.numel()
     if len(shape) == 2 and (shape[1] == -1 or shape[1] == numel):
         return _flatten(x)
     raise _Unsupported(f"reshape to {shape!r}; only (batch, -1) flattening for a classifier")
@@ -550,8 +578,7 @@ def _cat(call: RuleCall) -> NodeMoments:
     flat = parts[0].size is None
     if len(sizes) != 1 or dim not in ((1, -1) if flat else (1, -3)):
         raise _Unsupported(f"cat along dim {dim} of sizes {sorted(map(str, sizes))}; only channels")
-    mean, var = concat_moments([(p.mean, p.var) for p in parts])
-    return NodeMoments(mean, var, parts[0].size)
+    return NodeMoments(*concat_moments([(p.mean, p.var) for p in parts]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,18 +590,21 @@ def _constant(value: Any, like: NodeMoments) -> Tensor:
     t = torch.as_tensor(value, dtype=like.mean.dtype, device=like.mean.device)
     if t.numel() == 1:
         return t.reshape(())
-    channel_dim = -3 if like.size is not None else -1
+    channel_dim = -3 if like.size is not None else -1  # of the (N, C, H, W) or (N, F) tensor
     if t.dim() >= -channel_dim and t.shape[channel_dim] == like.channels and t.numel() == like.channels:
         return t.reshape(-1)
     raise _Unsupported(f"constant of shape {tuple(t.shape)} is not per-channel")
 
 
-def _broadcast_size(a: _Size, b: _Size) -> _Size:
-    if a == b or b == (1, 1):
-        return a
-    if a == (1, 1):
-        return b
-    raise _Unsupported(f"operands of spatial sizes {a} and {b}")
+def _check_broadcast(a: NodeMoments, b: NodeMoments) -> None:
+    if (a.size is None) != (b.size is None):
+        raise _Unsupported("operands mix flat features and feature maps")
+    try:
+        torch.broadcast_shapes(a.mean.shape, b.mean.shape)
+    except RuntimeError:
+        raise _Unsupported(
+            f"operands of shapes (H, W, C) {tuple(a.mean.shape)} and {tuple(b.mean.shape)}"
+        ) from None
 
 
 def _operands(call: RuleCall, names: Sequence[str]) -> tuple[Any, Any]:
@@ -582,17 +612,21 @@ def _operands(call: RuleCall, names: Sequence[str]) -> tuple[Any, Any]:
 
 
 def _shift(x: NodeMoments, c: Tensor) -> NodeMoments:
-    return NodeMoments(x.mean + c, x.var, x.size)
+    return NodeMoments(x.mean + c, x.var)
 
 
 def _scale(x: NodeMoments, c: Tensor) -> NodeMoments:
-    return NodeMoments(x.mean * c, x.var * c * c, x.size)
+    return NodeMoments(x.mean * c, x.var * c * c)
 
 
 def _add_values(a: Any, b: Any) -> NodeMoments:
     if isinstance(a, NodeMoments) and isinstance(b, NodeMoments):
-        mean, var = add_moments((a.mean, a.var), (b.mean, b.var))
-        return NodeMoments(mean, var, _broadcast_size(a.size, b.size))
+        _check_broadcast(a, b)
+        total = NodeMoments(*add_moments((a.mean, a.var), (b.mean, b.var)))
+        for x, gauss in ((a, b), (b, a)):  # Gaussian + act(Gaussian): keep the parts
+            if x.pre is not None and x.parts is None and gauss.pre is None and gauss.parts is None:
+                total.parts = (gauss.mean, gauss.var, x.pre[0], x.pre[1])
+        return total
     if isinstance(a, NodeMoments):
         return _shift(a, _constant(b, a))
     if isinstance(b, NodeMoments):
@@ -623,8 +657,8 @@ def _sub(call: RuleCall) -> NodeMoments:
 def _mul(call: RuleCall) -> NodeMoments:
     a, b = _operands(call, ("input", "other"))
     if isinstance(a, NodeMoments) and isinstance(b, NodeMoments):
-        mean, var = product_moments(a.mean, a.var, b.mean, b.var)
-        return NodeMoments(mean, var, _broadcast_size(a.size, b.size))
+        _check_broadcast(a, b)
+        return NodeMoments(*product_moments(a.mean, a.var, b.mean, b.var))
     if isinstance(a, NodeMoments):
         return _scale(a, _constant(b, a))
     if isinstance(b, NodeMoments):
@@ -735,12 +769,12 @@ def graph_moments(
     var: Tensor,
     input_size: Sequence[int],
 ) -> dict[str, NodeMoments]:
-    """Like :func:`propagate_graph`, returning :class:`NodeMoments` (with spatial sizes).
+    """Like :func:`propagate_graph`, returning :class:`NodeMoments` (position maps).
 
     Args:
         gm: Traced network (a plain module is traced with :func:`trace`).
-        mean: Input channel means ``(C_in,)``.
-        var: Input channel variances ``(C_in,)``.
+        mean: Input channel means ``(C_in,)``, or per-position means ``(H, W, C_in)``.
+        var: Input variances, same shape.
         input_size: Input ``(H, W)``.
 
     Returns:
@@ -759,17 +793,17 @@ def graph_moments(
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise BnprobeError(f"propagate_graph: the graph needs exactly one input, it has {len(inputs)}")
-    if mean.dim() != 1 or tuple(var.shape) != tuple(mean.shape):
+    size = (int(input_size[0]), int(input_size[1]))
+    if tuple(var.shape) != tuple(mean.shape) or tuple(mean.shape[:-1]) not in ((), size):
         raise BnprobeError(
-            f"propagate_graph: input moments must both be (C_in,), got {tuple(mean.shape)} "
-            f"and {tuple(var.shape)}"
+            f"propagate_graph: input moments must both be (C_in,) or (H, W, C_in) with (H, W) = "
+            f"{size}, got {tuple(mean.shape)} and {tuple(var.shape)}"
         )
     env: dict[fx.Node, Any] = {}
     out: dict[str, NodeMoments] = {}
-    size = (int(input_size[0]), int(input_size[1]))
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            value: Any = NodeMoments(mean, var, size)
+        if node.op == "placeholder":  # channel moments: every position has them
+            value: Any = NodeMoments(mean.expand(*size, -1), var.expand(*size, -1))
         elif node.op == "output":
             value = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
@@ -800,26 +834,28 @@ def propagate_graph(
     Walks ``gm``'s nodes in topological order from its single input, applies each node's rule
     (module, function or method; see the module docstring for the approximations) and calls
     ``propagate`` on every module that has one, so :class:`~bnprobe.norms.an.ANConv2d` layers
-    store the moments they normalize by (with the spatial size of their input). Call it
-    before every forward of an AN network (the stored moments keep their autograd graph).
+    store the moment maps they normalize by. Call it before every forward of an AN network
+    (the stored moments keep their autograd graph).
 
     Args:
         gm: Traced network (``trace(model)``; a plain module is traced here).
-        mean: Channel means of the network's input ``(C_in,)``, e.g. from
+        mean: Channel means of the network's input ``(C_in,)`` (or a per-position map
+            ``(H, W, C_in)``), e.g. from
             :func:`~bnprobe.norms.an.dataset_channel_moments`.
-        var: Channel variances of the input ``(C_in,)``.
+        var: Variances of the input, same shape.
         input_size: Spatial size ``(H, W)`` of the input.
 
     Returns:
-        Node name -> ``(mean, var)`` of the node's output for every tensor-valued node
-        (channels, or features after flattening).
+        Node name -> per-channel ``(mean, var)`` of the node's output (the mixture over its
+        positions: what BN would measure; features after flattening) for every tensor-valued
+        node. :func:`graph_moments` gives the position maps.
 
     Raises:
         UnsupportedNodeError: For a node without a rule (naming the node, its target and the
             module type).
         BnprobeError: If the graph does not have exactly one input.
     """
-    return {k: (v.mean, v.var) for k, v in graph_moments(gm, mean, var, input_size).items()}
+    return {k: v.channel() for k, v in graph_moments(gm, mean, var, input_size).items()}
 
 
 def supported() -> str:

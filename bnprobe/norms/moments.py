@@ -1,7 +1,8 @@
 """Closed-form propagation of per-channel means and variances (analytic normalization).
 
 Every function takes and returns per-channel tensors (shape ``(C,)``, or ``(..., C)`` with
-leading batch dimensions), is differentiable with torch autograd, and follows the dtype and
+leading dimensions: a batch of moment sets, or the positions ``(H, W)`` of a moment map, see
+:mod:`bnprobe.norms.moment_maps`), is differentiable with torch autograd, and follows the dtype and
 device of its inputs. The moments of a channel are those of all its activations pooled over
 images and spatial positions, as batch normalization measures them.
 
@@ -19,12 +20,9 @@ made explicit):
   channel's mean and variance. The output of a ReLU is not; what follows it only sees its
   first two moments (but max pooling after a nondecreasing nonlinearity is computed on the
   pre-activation, see :mod:`bnprobe.norms.an_graph`).
-* **Stationarity.** Every position of a channel has the same input moments. Zero padding is
-  *not* ignored by :func:`conv2d_moments` and the pooling rules: each output position sums
-  only the taps that fall inside the input, and the channel's output moments are the mixture
-  over output positions (mean of the positional means; mean of the positional variances plus
-  the variance of the positional means). :func:`conv_moments` is the interior-position rule
-  (every tap inside), exact without padding.
+* **Borders.** :func:`conv_moments` counts every tap (interior positions). Convolutions and
+  pools with their zero padding are handled position by position on moment maps, see
+  :mod:`bnprobe.norms.moment_maps`.
 * **Eval-mode maps.** Dropout and stochastic depth are the identity (the deterministic
   network); see :mod:`bnprobe.norms.an_graph`.
 
@@ -50,13 +48,9 @@ from scipy import integrate, special
 from torch import Tensor
 
 __all__ = [
-    "adaptive_avg_pool2d_moments",
     "add_moments",
-    "avg_pool2d_moments",
     "avg_pool_moments",
     "concat_moments",
-    "conv2d_moments",
-    "conv2d_output_size",
     "conv_moments",
     "gaussian_map_moments",
     "hardsigmoid_moments",
@@ -64,13 +58,10 @@ __all__ = [
     "hardtanh_moments",
     "leaky_relu_moments",
     "max_of_gaussians_moments",
-    "max_pool2d_moments",
     "piecewise_polynomial_moments",
-    "pool2d_output_size",
     "product_moments",
 ]
 
-_IntPair = Union[int, Sequence[int]]
 
 # |m / sqrt(v)| beyond this is clamped: Phi is exactly 0 or 1 there and phi underflows to 0.
 _T_MAX = 40.0
@@ -148,30 +139,6 @@ class _LeakyReluMoments(torch.autograd.Function):
         g_m = g_mean * (a + b * cdf) + g_var * s * d_ratio
         g_v = g_mean * (0.5 * b) * pdf / s + g_var * (ratio - 0.5 * t * d_ratio)
         return g_m, g_v * inside, None
-
-
-def _tap_moments(m: Tensor, v: Tensor, weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-tap contributions ``A[..., o, k] = sum_c W[o, c, k] m[c]`` and ``B`` with ``W^2, v``."""
-    if weight.dim() < 2:
-        raise ValueError(f"conv_moments: weight must have at least 2 dims, got {weight.dim()}")
-    if groups < 1 or weight.shape[0] % groups:
-        raise ValueError(f"conv_moments: {weight.shape[0]} output channels and groups={groups}")
-    per_group = weight.shape[1]
-    if per_group * groups != m.shape[-1] or v.shape[-1] != m.shape[-1]:
-        raise ValueError(
-            f"conv_moments: weight has {per_group} input channels per group (groups={groups}) "
-            f"but moments have {m.shape[-1]} and {v.shape[-1]} channels"
-        )
-    out = weight.shape[0]
-    w = weight.reshape(groups, out // groups, per_group, -1)
-    m = m.to(device=weight.device, dtype=weight.dtype)
-    v = v.to(device=weight.device, dtype=weight.dtype)
-    lead = m.shape[:-1]
-    m = m.reshape(*lead, groups, per_group)
-    v = v.reshape(*lead, groups, per_group)
-    a = torch.einsum("...gi,goik->...gok", m, w).reshape(*lead, out, -1)
-    b = torch.einsum("...gi,goik->...gok", v, w * w).reshape(*lead, out, -1)
-    return a, b
 
 
 def conv_moments(
@@ -508,290 +475,3 @@ def max_of_gaussians_moments(m: Tensor, v: Tensor, n: int) -> tuple[Tensor, Tens
     e1, e2 = _max_normal_moments(int(n))
     return m + v.clamp_min(_var_floor(v.dtype)).sqrt() * e1, v * e2
 
-
-# ---------------------------------------------------------------------------------------------
-# Convolution and pooling with their zero padding: mixtures over output positions
-
-
-def _pair2(value: _IntPair) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    a, b = value
-    return int(a), int(b)
-
-
-def _pads(padding: Union[str, _IntPair], kernel: tuple[int, int], dilation: tuple[int, int]):
-    # ((left, right) per axis) for an int/pair padding or torch's "valid"/"same"
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), (0, 0)
-        if padding == "same":
-            total = [dilation[i] * (kernel[i] - 1) for i in range(2)]
-            return tuple((t // 2, t - t // 2) for t in total)
-        raise ValueError(f"unknown padding {padding!r}")
-    p = _pair2(padding)
-    return (p[0], p[0]), (p[1], p[1])
-
-
-def _out_length(length: int, k: int, s: int, pads: tuple[int, int], d: int, ceil_mode: bool) -> int:
-    span = length + pads[0] + pads[1] - d * (k - 1) - 1
-    if span < 0:
-        raise ValueError(f"window of {k} (dilation {d}) does not fit an input of {length}")
-    if not ceil_mode:
-        return span // s + 1
-    out = -(-span // s) + 1
-    if (out - 1) * s >= length + pads[0]:  # the last window must start inside the input
-        out -= 1
-    return out
-
-
-def conv2d_output_size(
-    input_size: Sequence[int],
-    kernel_size: _IntPair,
-    stride: _IntPair = 1,
-    padding: Union[str, _IntPair] = 0,
-    dilation: _IntPair = 1,
-) -> tuple[int, int]:
-    """Spatial output size of ``nn.Conv2d`` (padding may be ``"same"``/``"valid"``)."""
-    k, s, d = _pair2(kernel_size), _pair2(stride), _pair2(dilation)
-    pads = _pads(padding, k, d)
-    return tuple(_out_length(int(input_size[i]), k[i], s[i], pads[i], d[i], False) for i in range(2))
-
-
-def pool2d_output_size(
-    input_size: Sequence[int],
-    kernel_size: _IntPair,
-    stride: Optional[_IntPair] = None,
-    padding: _IntPair = 0,
-    dilation: _IntPair = 1,
-    ceil_mode: bool = False,
-) -> tuple[int, int]:
-    """Spatial output size of ``nn.AvgPool2d``/``nn.MaxPool2d`` (stride defaults to the kernel)."""
-    k, d = _pair2(kernel_size), _pair2(dilation)
-    s = k if stride is None or stride == [] else _pair2(stride)
-    pads = _pads(padding, k, d)
-    return tuple(
-        _out_length(int(input_size[i]), k[i], s[i], pads[i], d[i], ceil_mode) for i in range(2)
-    )
-
-
-def _axis_valid(length: int, out: int, k: int, s: int, left: int, d: int) -> np.ndarray:
-    # (out, k): whether tap j of output i reads inside the input
-    idx = np.arange(out)[:, None] * s - left + np.arange(k)[None, :] * d
-    return (idx >= 0) & (idx < length)
-
-
-@functools.lru_cache(maxsize=512)
-def _conv_patterns(size, kernel, stride, pads, dilation) -> tuple[np.ndarray, np.ndarray]:
-    # The distinct sets of valid taps over output positions, (P, kh * kw), and their frequencies.
-    axes = []
-    for i in range(2):
-        out = _out_length(size[i], kernel[i], stride[i], pads[i], dilation[i], False)
-        valid = _axis_valid(size[i], out, kernel[i], stride[i], pads[i][0], dilation[i])
-        rows, counts = np.unique(valid, axis=0, return_counts=True)
-        axes.append((rows, counts / out))
-    (rows_h, p_h), (rows_w, p_w) = axes
-    patterns = rows_h[:, None, :, None] & rows_w[None, :, None, :]
-    return patterns.reshape(-1, kernel[0] * kernel[1]).astype(np.float64), np.outer(p_h, p_w).ravel()
-
-
-def _mixture(means: Tensor, variances: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
-    # moments of a mixture over the last dim: E[mean], E[var] + Var[mean]
-    mean = means @ probs
-    return mean, variances @ probs + (means - mean.unsqueeze(-1)).square() @ probs
-
-
-def conv2d_moments(
-    m: Tensor,
-    v: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: _IntPair = 1,
-    padding: Union[str, _IntPair] = 0,
-    dilation: _IntPair = 1,
-    groups: int = 1,
-    input_size: Optional[Sequence[int]] = None,
-    padding_mode: str = "zeros",
-) -> tuple[Tensor, Tensor]:
-    """Channel moments of a 2-D convolution's output, pooled over its output positions.
-
-    Each output position ``p`` sums the taps that fall inside the input (zero padding
-    contributes nothing): ``mean_p[o] = sum_{valid taps} W m``, ``var_p[o] = sum_{valid taps}
-    W^2 v`` (independent inputs). The channel's moments are the mixture over positions, as
-    batch normalization would measure them: ``mean = E_p[mean_p]`` and ``var = E_p[var_p] +
-    Var_p[mean_p]``. Positions are grouped by their set of valid taps (a handful of border
-    patterns, cached per geometry), so the cost does not grow with the image size. Without
-    ``input_size``, or with no zero padding, every tap is counted (:func:`conv_moments`).
-
-    Args:
-        m: Input channel means ``(C_in,)`` or ``(..., C_in)``.
-        v: Input channel variances, same shape.
-        weight: ``(C_out, C_in / groups, kh, kw)``.
-        bias: Optional ``(C_out,)``.
-        stride: Stride.
-        padding: Zero padding (int, pair, ``"same"`` or ``"valid"``).
-        dilation: Dilation.
-        groups: Groups (``C_in`` for depthwise).
-        input_size: Input ``(H, W)``; None: ignore the border.
-        padding_mode: ``nn.Conv2d.padding_mode``; only ``"zeros"`` pads with zeros (the other
-            modes repeat input values, whose moments are the input's: every tap counts).
-
-    Returns:
-        ``(mean, var)`` of shape ``(..., C_out)``.
-    """
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    dil = _pair2(dilation)
-    pads = _pads(padding, kernel, dil)
-    if input_size is None or padding_mode != "zeros" or not any(sum(p) for p in pads):
-        return conv_moments(m, v, weight, bias, groups)
-    size = (int(input_size[0]), int(input_size[1]))
-    patterns, probs = _conv_patterns(size, kernel, _pair2(stride), pads, dil)
-    a, b = _tap_moments(m, v, weight, groups)
-    pat = torch.as_tensor(patterns, dtype=a.dtype, device=a.device).t()
-    mean, var = _mixture(a @ pat, b @ pat, torch.as_tensor(probs, dtype=a.dtype, device=a.device))
-    if bias is not None:
-        mean = mean + bias
-    return mean, var
-
-
-def _avg_pool_axis(length, k, s, pad, ceil_mode, out) -> tuple[np.ndarray, np.ndarray]:
-    # per output: window length counting padding (as torch divides by it) and valid inputs
-    start = np.arange(out) * s - pad
-    end = np.minimum(start + k, length + pad)
-    return end - start, np.minimum(end, length) - np.maximum(start, 0)
-
-
-def _position_mixture(m: Tensor, v: Tensor, a: np.ndarray, b: np.ndarray) -> tuple[Tensor, Tensor]:
-    # positions with mean a_p m and variance b_p v, mixed uniformly
-    mean_a, var_a, mean_b = float(a.mean()), float(a.var()), float(b.mean())
-    return m * mean_a, v * mean_b + m * m * var_a
-
-
-def avg_pool2d_moments(
-    m: Tensor,
-    v: Tensor,
-    kernel_size: _IntPair,
-    stride: Optional[_IntPair] = None,
-    padding: _IntPair = 0,
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-    divisor_override: Optional[int] = None,
-    *,
-    input_size: Sequence[int],
-) -> tuple[Tensor, Tensor]:
-    """Channel moments after ``nn.AvgPool2d``, pooled over output positions.
-
-    A window with ``n_p`` valid (independent) inputs and divisor ``D_p`` (the window size,
-    counting padding or not as ``count_include_pad`` says, or ``divisor_override``) has mean
-    ``m n_p / D_p`` and variance ``v n_p / D_p^2``; the result is their mixture over output
-    positions (as :func:`conv2d_moments`). Positive spatial correlation keeps more variance
-    than this predicts.
-
-    Args:
-        m: Channel means.
-        v: Channel variances.
-        kernel_size: Window.
-        stride: Stride (None: the window).
-        padding: Zero padding.
-        ceil_mode: ``ceil_mode`` of the pool.
-        count_include_pad: Whether padded zeros count in the divisor.
-        divisor_override: Fixed divisor.
-        input_size: Input ``(H, W)``.
-
-    Returns:
-        ``(mean, var)``.
-    """
-    k = _pair2(kernel_size)
-    s = k if stride is None or stride == [] else _pair2(stride)
-    p = _pair2(padding)
-    out = pool2d_output_size(input_size, k, s, p, 1, ceil_mode)
-    (pool_h, valid_h), (pool_w, valid_w) = (
-        _avg_pool_axis(int(input_size[i]), k[i], s[i], p[i], ceil_mode, out[i]) for i in range(2)
-    )
-    valid = np.outer(valid_h, valid_w).astype(np.float64)
-    if divisor_override:
-        div = np.full_like(valid, float(divisor_override))
-    elif count_include_pad:
-        div = np.outer(pool_h, pool_w).astype(np.float64)
-    else:
-        div = valid
-    return _position_mixture(m, v, valid / div, valid / (div * div))
-
-
-def adaptive_avg_pool2d_moments(
-    m: Tensor, v: Tensor, output_size: Union[int, Sequence[Optional[int]]], *, input_size: Sequence[int]
-) -> tuple[Tensor, Tensor]:
-    """Channel moments after ``nn.AdaptiveAvgPool2d``: mean kept, variance ``v E_p[1 / n_p]``.
-
-    Output ``i`` of an axis of length ``L`` averages inputs ``floor(i L / out)`` to
-    ``ceil((i + 1) L / out)``; ``n_p`` is the window's size (independent inputs). Global
-    pooling (``output_size=1``) gives ``v / (H W)``; enlarging (``out > L``) repeats inputs.
-
-    Args:
-        m: Channel means.
-        v: Channel variances.
-        output_size: Output size (int, pair; None in a pair keeps that axis).
-        input_size: Input ``(H, W)``.
-
-    Returns:
-        ``(mean, var)``.
-    """
-    outs = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    inv = []
-    for i in range(2):
-        length = int(input_size[i])
-        out = length if outs[i] is None else int(outs[i])
-        idx = np.arange(out)
-        inv.append(1.0 / ((-(-(idx + 1) * length // out)) - (idx * length // out)))
-    return m, v * float(np.outer(inv[0], inv[1]).mean())
-
-
-def max_pool2d_moments(
-    m: Tensor,
-    v: Tensor,
-    kernel_size: _IntPair,
-    stride: Optional[_IntPair] = None,
-    padding: _IntPair = 0,
-    dilation: _IntPair = 1,
-    ceil_mode: bool = False,
-    *,
-    input_size: Sequence[int],
-) -> tuple[Tensor, Tensor]:
-    """Channel moments after ``nn.MaxPool2d``: maxima of independent Gaussians, mixed.
-
-    The ``n_p`` inputs of window ``p`` that lie inside the input (padding is ``-inf`` and never
-    wins) are taken as independent ``N(m, v)``: the window's maximum has moments
-    ``(m + sqrt(v) e1(n_p), v e2(n_p))`` (:func:`max_of_gaussians_moments`), mixed over output
-    positions. Two approximations: Gaussian inputs (after a ReLU they are not; the graph walk
-    pools the pre-activation instead, as ``max`` commutes with nondecreasing maps) and
-    independence (neighbouring activations are positively correlated, so the true maximum is
-    smaller; its mean is overestimated).
-
-    Args:
-        m: Channel means.
-        v: Channel variances.
-        kernel_size: Window.
-        stride: Stride (None: the window).
-        padding: Padding.
-        dilation: Dilation.
-        ceil_mode: ``ceil_mode`` of the pool.
-        input_size: Input ``(H, W)``.
-
-    Returns:
-        ``(mean, var)``.
-    """
-    k, d = _pair2(kernel_size), _pair2(dilation)
-    s = k if stride is None or stride == [] else _pair2(stride)
-    p = _pair2(padding)
-    out = pool2d_output_size(input_size, k, s, p, d, ceil_mode)
-    counts = [
-        _axis_valid(int(input_size[i]), out[i], k[i], s[i], p[i], d[i]).sum(axis=1) for i in range(2)
-    ]
-    n = np.outer(counts[0], counts[1]).ravel()
-    values, freq = np.unique(n, return_counts=True)
-    e = np.array([_max_normal_moments(int(x)) for x in values])
-    e1, e2 = e[:, 0], e[:, 1]
-    w = freq / freq.sum()
-    mean_e1 = float((w * e1).sum())
-    spread = float((w * e2).sum() + (w * (e1 - mean_e1) ** 2).sum())
-    return m + v.clamp_min(_var_floor(v.dtype)).sqrt() * mean_e1, v * spread

@@ -15,14 +15,15 @@ normalized output ``x_hat`` BEFORE the affine ``* s + b``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..noise.functional import noise_then_affine
-from .moments import conv2d_moments, conv_moments
+from .moment_maps import conv2d_map_moments
+from .moments import conv_moments
 
 __all__ = [
     "WNConv2d",
@@ -271,24 +272,24 @@ class WNConv2d(_WNBase):
         self.groups = _check_groups(in_channels, out_channels, groups)
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
 
-    def propagate(
-        self, m: Tensor, v: Tensor, input_size: Optional[Sequence[int]] = None
-    ) -> tuple[Tensor, Tensor]:
-        """Channel moments of the output given independent inputs with moments ``(m, v)``.
+    def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output moments given independent inputs with moments ``(m, v)``.
 
         Args:
-            m: Input channel means ``(C_in,)``.
-            v: Input channel variances ``(C_in,)``.
-            input_size: Spatial size ``(H, W)`` of the input: with it the moments are pooled
-                over all output positions, border ones summing only the taps inside the input
-                (:func:`~bnprobe.norms.moments.conv2d_moments`); None: interior positions.
+            m: Input channel means ``(C_in,)`` (every tap counts: interior positions), or a
+                position map ``(H, W, C_in)`` (:mod:`bnprobe.norms.moment_maps`; the padded
+                border is exact).
+            v: Input variances, same shape.
 
         Returns:
-            ``(mean, var)`` per output channel (noise at its eval-mode map).
+            ``(mean, var)`` per output channel, or maps ``(H', W', C_out)`` (noise at its
+            eval-mode map).
         """
-        mu, var = conv2d_moments(
+        if m.dim() != 3:
+            return super().propagate(m, v)
+        mu, var = conv2d_map_moments(
             m, v, self.normalized_weight(), None, self.stride, self.padding, self.dilation,
-            self.groups, input_size,
+            self.groups,
         )  # fmt: skip
         return affine_moments(mu, var, self.scale, self.bias, self.noise)
 
