@@ -27,16 +27,16 @@ from bnprobe.noise.modules import FixedNoise
 from bnprobe.norms.an import ANConv2d
 from bnprobe.norms.an_check import an_layer_errors
 from bnprobe.norms.an_graph import (
+    MODULE_RULES,
     NodeMoments,
     UnsupportedNodeError,
-    _add_values,
-    _elementwise,
-    _relu,
     graph_moments,
     propagate_graph,
+    register_module_rule,
     supported,
     trace,
 )
+from bnprobe.norms.an_rules import _add_values, _elementwise, _relu
 from bnprobe.norms.block import ChannelAffine
 from bnprobe.norms.moment_maps import channel_moments, conv2d_map_moments
 from bnprobe.norms.wn import WNConv2d
@@ -292,3 +292,50 @@ def test_whole_network_against_measured_statistics(name, data):
         assert alo < e.pooled_var_ratio < ahi, (e.name, e.summary())
     close = [abs(e.pooled_var_ratio - 1) < 0.1 for e in anchored]
     assert sum(close) >= within * len(close), [round(e.pooled_var_ratio, 3) for e in anchored]
+
+
+def test_registered_rule_is_used_and_kept_as_a_leaf():
+    class Shift(nn.Module):  # a custom module whose forward fx would otherwise trace through
+        def forward(self, x):
+            return x + 1.0 if x.sum() > 0 else x  # data-dependent: not traceable
+
+    @register_module_rule(Shift)
+    def _shift_rule(call):
+        x = call.moments(0)
+        return NodeMoments(x.mean + 1.0, x.var)
+
+    try:
+        out = propagate_graph(trace(nn.Sequential(nn.ReLU(), Shift())), _vec([0.0]), _vec([1.0]), (3, 3))
+        torch.testing.assert_close(out["output"][0], out["_0"][0] + 1.0)
+    finally:
+        del MODULE_RULES[Shift]
+
+
+def test_an_normalizer_from_maps_is_differentiable():
+    torch.manual_seed(2)
+    layer = ANConv2d(2, 4, 3, stride=2, padding=1, groups=2).double()
+    m = torch.randn(4, 4, 2, dtype=DT, requires_grad=True)
+    v = (torch.rand(4, 4, 2, dtype=DT) + 0.5).requires_grad_()
+
+    def normalizer(m, v):
+        layer.set_input_moments(m, v)
+        return layer.normalizer_moments()
+
+    assert torch.autograd.gradcheck(normalizer, (m, v))
+    mu, sigma = normalizer(m, v)
+    (mu.sum() + sigma.sum()).backward()
+    assert layer.weight.grad is not None and bool(torch.isfinite(layer.weight.grad).all())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet50", "vgg11_bn", "mobilenet_v3_small", "regnet_y_400mf", "densenet121", "efficientnet_b0"],
+)
+def test_torchvision_models_propagate(name):
+    # every node of these graphs has a rule (SE blocks, hardswish, stochastic depth, concat, ...)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    out = graph_moments(trace(model), _vec([0.0, 0.1, -0.1]), _vec([1.0, 1.1, 0.9]), (32, 32))
+    final = out["output"]
+    assert final.mean.shape == (10,) and final.size is None
+    assert bool(torch.isfinite(final.mean).all() and (final.var > 0).all())
