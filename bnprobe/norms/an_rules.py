@@ -596,22 +596,26 @@ def _add_values(a: Any, b: Any) -> NodeMoments:
     raise _Unsupported("addition of two constants")
 
 
+def _times(value: Any, factor: float) -> Any:
+    if factor == 1:
+        return value
+    if isinstance(value, NodeMoments):
+        return _scale(value, _constant(factor, value))
+    return value * factor
+
+
 @register_function_rule(operator.add, operator.iadd, torch.add)
 @register_method_rule("add", "add_")
 def _add(call: RuleCall) -> NodeMoments:
     a, b = _operands(call, ("input", "other"))
-    alpha = call.kwargs.get("alpha", 1)
-    if alpha != 1:
-        b = _scale(b, _constant(alpha, b)) if isinstance(b, NodeMoments) else b * alpha
-    return _add_values(a, b)
+    return _add_values(a, _times(b, call.kwargs.get("alpha", 1)))
 
 
 @register_function_rule(operator.sub, operator.isub, torch.sub)
 @register_method_rule("sub", "sub_")
 def _sub(call: RuleCall) -> NodeMoments:
     a, b = _operands(call, ("input", "other"))
-    neg = _scale(b, torch.tensor(-1.0)) if isinstance(b, NodeMoments) else -b
-    return _add_values(a, neg)
+    return _add_values(a, _times(b, -call.kwargs.get("alpha", 1)))
 
 
 @register_function_rule(operator.mul, operator.imul, torch.mul)

@@ -339,3 +339,34 @@ def test_torchvision_models_propagate(name):
     final = out["output"]
     assert final.mean.shape == (10,) and final.size is None
     assert bool(torch.isfinite(final.mean).all() and (final.var > 0).all())
+
+
+class _Functional(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu, self.maxpool, self.avgpool = nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2)
+        self.gap, self.se = nn.AdaptiveAvgPool2d(1), nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.functional:
+            a = F.max_pool2d(F.relu(y), 3, 2, 1)
+            b = F.avg_pool2d(a, kernel_size=2)
+            c = torch.cat([b, b * 2.0 - 1.0], dim=1)
+            return c * torch.sigmoid(F.adaptive_avg_pool2d(c, 1)) / 2.0
+        a = self.maxpool(self.relu(y))
+        b = self.avgpool(a)
+        c = torch.cat([b, torch.sub(b.mul(4.0), 4.0, alpha=0.5) / 2.0], 1)
+        return torch.div(c * self.se(self.gap(c)), 2.0)
+
+
+def test_functional_and_module_forms_agree():
+    torch.manual_seed(3)
+    mods, funcs = _Functional(False), _Functional(True)
+    funcs.load_state_dict(mods.state_dict())
+    m, v = _vec([0.1, -0.3, 0.2]), _vec([1.0, 0.5, 2.0])
+    a = propagate_graph(trace(mods), m, v, (9, 9))["output"]
+    b = propagate_graph(trace(funcs), m, v, (9, 9))["output"]
+    torch.testing.assert_close(a, b)
