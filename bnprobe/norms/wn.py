@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..noise.functional import noise_then_affine
+from .moment_maps import conv2d_map_moments
 from .moments import conv_moments
 
 __all__ = [
@@ -54,6 +55,13 @@ def normalize_rows(weight: Tensor) -> Tensor:
 
 def _pair(value: _IntPair) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _check_groups(in_channels: int, out_channels: int, groups: int) -> int:
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups={groups} must be positive and divide in_channels={in_channels} "
+                         f"and out_channels={out_channels}")
+    return int(groups)
 
 
 def _mul(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -97,6 +105,7 @@ def normalized_conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    groups: int = 1,
 ) -> Tensor:
     """``((conv(x, weight) * pre_scale + pre_shift) [-> noise]) * scale + bias`` in one pass.
 
@@ -107,7 +116,7 @@ def normalized_conv2d(
 
     Args:
         x: Input ``(N, C_in, H, W)``.
-        weight: Raw convolution weight ``(C_out, C_in, kh, kw)``.
+        weight: Raw convolution weight ``(C_out, C_in / groups, kh, kw)``.
         pre_scale: Per-channel factor giving ``x_hat`` (e.g. ``1 / sigma``), or None.
         pre_shift: Per-channel shift giving ``x_hat`` (e.g. ``-mu / sigma``), or None.
         scale: Affine scale ``s`` or None.
@@ -116,6 +125,7 @@ def normalized_conv2d(
         stride: Convolution stride.
         padding: Zero padding.
         dilation: Dilation.
+        groups: Convolution groups.
 
     Returns:
         The layer output ``(N, C_out, H', W')``.
@@ -125,7 +135,7 @@ def normalized_conv2d(
         get = getattr(noise, "affine_coefficients", None)
         if get is None:
             w = weight if pre_scale is None else weight * pre_scale.reshape(-1, 1, 1, 1)
-            x_hat = F.conv2d(x, w, pre_shift, stride, padding, dilation)
+            x_hat = F.conv2d(x, w, pre_shift, stride, padding, dilation, groups)
             return noise_then_affine(x_hat, scale, bias, noise)
         coefficients = get(x.shape[0], weight)
     if coefficients is None or coefficients[0].dim() == 1:
@@ -133,11 +143,11 @@ def normalized_conv2d(
         total = _mul(_mul(pre_scale, mul), scale)
         shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
         w = weight if total is None else weight * total.reshape(-1, 1, 1, 1)
-        return F.conv2d(x, w, shift, stride, padding, dilation)
+        return F.conv2d(x, w, shift, stride, padding, dilation, groups)
     mul, add = coefficients  # (N, C): per-sample noise
     channel = _mul(pre_scale, scale)
     w = weight if channel is None else weight * channel.reshape(-1, 1, 1, 1)
-    y = F.conv2d(x, w, None, stride, padding, dilation)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     shift = _affine_shift(_add(_shift_times(pre_shift, mul), add), scale, bias)
     if shift is None:
         return y * mul[:, :, None, None]
@@ -217,7 +227,7 @@ class _WNBase(nn.Module):
             ``(mean, var)`` per output channel (noise at its eval-mode map; border effects of
             zero padding ignored).
         """
-        mu, var = conv_moments(m, v, self.normalized_weight())
+        mu, var = conv_moments(m, v, self.normalized_weight(), groups=getattr(self, "groups", 1))
         return affine_moments(mu, var, self.scale, self.bias, self.noise)
 
 
@@ -231,6 +241,8 @@ class WNConv2d(_WNBase):
         stride: Stride.
         padding: Zero padding.
         dilation: Dilation.
+        groups: Convolution groups (``in_channels`` and ``out_channels`` divisible by it;
+            the norm of each output channel is over its ``in_channels / groups`` inputs).
         bias: Whether to learn the output bias ``b`` (init 0).
         scale: Whether to learn the output scale ``s`` (init 1); without it the output is the
             normalized ``x_hat`` (e.g. when a ``LearnedNoise`` provides its own affine).
@@ -245,6 +257,7 @@ class WNConv2d(_WNBase):
         stride: _IntPair = 1,
         padding: _IntPair = 0,
         dilation: _IntPair = 1,
+        groups: int = 1,
         bias: bool = True,
         scale: bool = True,
         noise: Optional[nn.Module] = None,
@@ -256,14 +269,36 @@ class WNConv2d(_WNBase):
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
-        self._init_params((out_channels, in_channels) + self.kernel_size, bias, scale, noise)
+        self.groups = _check_groups(in_channels, out_channels, groups)
+        self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
+
+    def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output moments given independent inputs with moments ``(m, v)``.
+
+        Args:
+            m: Input channel means ``(C_in,)`` (every tap counts: interior positions), or a
+                position map ``(H, W, C_in)`` (:mod:`bnprobe.norms.moment_maps`; the padded
+                border is exact).
+            v: Input variances, same shape.
+
+        Returns:
+            ``(mean, var)`` per output channel, or maps ``(H', W', C_out)`` (noise at its
+            eval-mode map).
+        """
+        if m.dim() != 3:
+            return super().propagate(m, v)
+        mu, var = conv2d_map_moments(
+            m, v, self.normalized_weight(), None, self.stride, self.padding, self.dilation,
+            self.groups,
+        )  # fmt: skip
+        return affine_moments(mu, var, self.scale, self.bias, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the normalized convolution, noise and affine to ``x`` ``(N, C_in, H, W)``."""
         norms = torch.linalg.vector_norm(self.weight.reshape(self.out_channels, -1), dim=1)
         return normalized_conv2d(
             x, self.weight, 1.0 / norms.clamp_min(NORM_FLOOR), None, self.scale, self.bias,
-            self.noise, self.stride, self.padding, self.dilation,
+            self.noise, self.stride, self.padding, self.dilation, self.groups,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -271,7 +306,7 @@ class WNConv2d(_WNBase):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, scale={self.scale is not None}"
+            f"groups={self.groups}, bias={self.bias is not None}, scale={self.scale is not None}"
         )
 
 
