@@ -122,7 +122,7 @@ def _precise_bn(model: nn.Module, config: TrainConfig, splits: Any, device: torc
         return None
     gen = torch.Generator().manual_seed(config.seed + PRECISE_SEED_OFFSET)
     return recalibrate(model, splits.train, size=config.precise_bn_size, augment=config.augment,
-                       generator=gen, device=device)
+                       generator=gen, device=device, shard=True)
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
