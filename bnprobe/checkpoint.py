@@ -113,14 +113,16 @@ def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}  # saved from DDP
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        msg = str(exc).replace("\n", " ").replace("\t", "")
-        raise BnprobeError(f"{source} does not fit the architecture: {msg[:300]}") from exc
+        msg = " ".join(str(exc).split())
+        if "size mismatch for " in msg:  # the first mismatch says enough
+            msg = msg.split("size mismatch for ", 1)[1].split(". ", 1)[0]
+        raise BnprobeError(f"{source} does not fit the architecture: {msg[:240]}{hint}") from exc
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
@@ -136,6 +138,7 @@ def open_checkpoint(
     num_classes: int | None = None,
     unsafe_load: bool = False,
     device: torch.device | str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint and build its model.
 
@@ -147,6 +150,8 @@ def open_checkpoint(
             last weight's first dimension, or 1000).
         unsafe_load: Allow pickled modules.
         device: Where to put the model (default CPU).
+        arch_kwargs: More architecture arguments of a foreign state_dict (e.g. ``width`` of
+            an All-CNN; its ``in_channels`` is read from the first convolution's weight).
 
     Returns:
         The checkpoint with its model in evaluation mode.
@@ -179,10 +184,35 @@ def open_checkpoint(
         )
     if num_classes is None:
         num_classes = _guess_num_classes(state)
-    kwargs = {"num_classes": num_classes}
+    kwargs = {"num_classes": num_classes, **_inferred_kwargs(arch, state), **(arch_kwargs or {})}
     model = build_model(arch, kwargs)
-    _load_weights(model, state, str(path))
+    hint = " (pass the architecture's arguments: --width, --arch-kwarg KEY=VALUE)" if arch == "allcnn" else ""
+    _load_weights(model, state, str(path), hint)
     return Checkpoint(model.to(device).eval(), arch, kwargs, None, {}, str(path), digest, None)
+
+
+def foreign_arch_kwargs(width: float | None, arch_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``--width`` and ``--arch-kwarg KEY=VALUE`` as one dict of architecture arguments."""
+    merged = dict(arch_kwargs or {})
+    if width is not None:
+        merged["width"] = width
+    return merged
+
+
+def _inferred_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture arguments a foreign All-CNN state_dict tells: input channels and width.
+
+    The width is read from the first convolution (96 x width channels); ``--width`` overrides
+    it for widths whose rounding makes that ambiguous.
+    """
+    if arch != "allcnn":
+        return {}
+    first = next((t for t in state.values() if isinstance(t, torch.Tensor) and t.dim() == 4), None)
+    if first is None:
+        return {}
+    from .models.allcnn import LAYERS
+
+    return {"in_channels": int(first.shape[1]), "width": int(first.shape[0]) / LAYERS[0][0]}
 
 
 def _guess_num_classes(state: dict[str, torch.Tensor]) -> int:

@@ -8,18 +8,23 @@ torchrun (or with one process) everything here is a no-op and bnprobe runs as be
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .errors import BnprobeError
+from .errors import BnprobeError, SharedError
 from .options import resolve_device
 
-__all__ = ["World", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast_buffers",
-           "broadcast_object", "setup", "shard_slice", "shutdown", "world"]
+__all__ = ["RANK_SEED_STRIDE", "World", "all_gather_cat", "all_gather_objects", "all_reduce_sum",
+           "barrier", "broadcast_buffers", "broadcast_object", "rank_stream", "setup", "shard_slice",
+           "shared_errors", "shutdown", "world"]
+
+#: Seed offset between the independent random streams of two processes of one run.
+RANK_SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -149,3 +154,62 @@ def shard_slice(n: int, w: World | None = None) -> slice:
     base, extra = divmod(n, w.size)
     start = w.rank * base + min(w.rank, extra)
     return slice(start, start + base + (1 if w.rank < extra else 0))
+
+
+def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every process's ``tensor`` (sizes along ``dim`` may differ), concatenated in rank order.
+
+    The result is on ``tensor``'s device; alone, ``tensor`` itself.
+    """
+    if not world().distributed:
+        return tensor
+    parts = all_gather_objects(tensor.detach().cpu())
+    return torch.cat(parts, dim).to(tensor.device)
+
+
+def rank_stream(generator: torch.Generator, rank: int | None = None) -> torch.Generator:
+    """Move ``generator`` (in place) to a random stream of process ``rank``'s own.
+
+    Process 0 keeps its stream, so one process draws what it draws without torchrun; process
+    ``r > 0`` reseeds with the stream's next 62-bit value plus ``RANK_SEED_STRIDE * r``
+    (independent of process 0's continuation and of every other process).
+
+    Args:
+        generator: A CPU or device generator, in the same state on every process.
+        rank: The process (default: this one).
+
+    Returns:
+        ``generator``.
+    """
+    rank = world().rank if rank is None else rank
+    if rank > 0:
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        generator.manual_seed(seed + RANK_SEED_STRIDE * rank)
+    return generator
+
+
+@contextlib.contextmanager
+def shared_errors() -> Iterator[None]:
+    """A :class:`BnprobeError` inside the block on any process is raised on every process.
+
+    At the end of the block the processes compare notes (one collective; no-op alone): if
+    any raised, every process raises :class:`SharedError` with the message of the first one
+    (prefixed ``process r:`` when it is not process 0), which process 0 reports and the
+    others do not print. Use it around input checks before collectives, so that bad input
+    ends every process with one line instead of leaving the others waiting. The block must
+    itself run no collective. Other exceptions are not caught: torchrun stops the job when
+    a process fails.
+    """
+    error: BnprobeError | None = None
+    try:
+        yield
+    except BnprobeError as exc:
+        if not world().distributed:
+            raise
+        error = exc
+    if not world().distributed:
+        return
+    messages = all_gather_objects(None if error is None else str(error))
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise SharedError(message if rank == 0 else f"process {rank}: {message}") from error

@@ -7,3 +7,11 @@ class BnprobeError(Exception):
     The CLI shows ``Error: <message>`` and exits with status 2; a traceback is shown only
     with ``--debug``.
     """
+
+
+class SharedError(BnprobeError):
+    """A user error raised on every process of a torchrun job at once.
+
+    See :func:`bnprobe.distributed.shared_errors`: process 0 reports it, the others exit
+    quietly with the same status.
+    """

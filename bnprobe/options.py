@@ -78,6 +78,28 @@ class DatasetName(Choice):
     SYNTHETIC = "synthetic"
 
 
+class Augment(Choice):
+    """Training augmentation.
+
+    ``auto`` follows the data's declared kind: translations, plus flips where mirrored images
+    are natural (CIFAR-10 and RGB image folders, not digits).
+    """
+
+    AUTO = "auto"
+    NONE = "none"
+    TRANSLATE = "translate"
+    FLIP = "flip"
+    BOTH = "translate+flip"
+
+    def settings(self) -> dict:
+        """TrainConfig fields: ``augment``, ``flip`` (None: the data's default), ``translate``."""
+        return {Augment.AUTO: {"augment": True, "flip": None},
+                Augment.NONE: {"augment": False, "flip": None},
+                Augment.TRANSLATE: {"augment": True, "flip": False},
+                Augment.FLIP: {"augment": True, "flip": True, "translate": 0},
+                Augment.BOTH: {"augment": True, "flip": True}}[self]
+
+
 class Split(Choice):
     """Data splits."""
 

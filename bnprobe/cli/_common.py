@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any, Callable
 
 import click
 
-from ..errors import BnprobeError
+from ..errors import BnprobeError, SharedError
 
 
 class CommaList(click.ParamType):
@@ -81,6 +82,22 @@ def unsafe_load_option(f: Callable) -> Callable:
                         help="Allow checkpoints holding pickled Python objects (trusted files only).")(f)
 
 
+def _parse_kwargs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a dict; values parsed as JSON when they are JSON."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
 def checkpoint_data_options(f: Callable) -> Callable:
     """Options to load a checkpoint and its data (dataset, data root, arch, device, ...)."""
     for option in reversed([
@@ -89,6 +106,11 @@ def checkpoint_data_options(f: Callable) -> Callable:
         click.option("--arch", default=None,
                      help="Architecture of a plain state_dict, e.g. torchvision:resnet18."),
         click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict."),
+        click.option("--width", type=float, default=None,
+                     help="All-CNN width of a plain state_dict (like train --width)."),
+        click.option("--arch-kwarg", "arch_kwargs", multiple=True, callback=_parse_kwargs,
+                     metavar="KEY=VALUE", help="Another architecture argument of a plain state_dict "
+                                               "(repeatable; VALUE is read as JSON, else as text)."),
         unsafe_load_option, seed_option, device_option,
     ]):
         f = option(f)
@@ -107,6 +129,16 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _reported_by_process_zero(exc: BaseException) -> bool:
+    """Whether another torchrun process prints this error: one every process raises alike.
+
+    A usage error depends only on the command line, the same in every process; a
+    :class:`SharedError` was raised on every process at once. Process 0 (``RANK`` 0 or
+    unset) prints both; the others exit quietly with the same status.
+    """
+    return isinstance(exc, (SharedError, click.UsageError)) and os.environ.get("RANK", "0") != "0"
+
+
 def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     """Run a command body: user errors become one line and exit 2 (traceback with --debug)."""
     def debug() -> bool:  # read late: the group callback sets it during the call
@@ -115,6 +147,8 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except BnprobeError as exc:
+        if _reported_by_process_zero(exc):
+            sys.exit(2)
         if debug():
             traceback.print_exc()
         click.echo(f"Error: {exc}", err=True)
@@ -125,6 +159,8 @@ def run_guarded(ctx: click.Context, call: Callable[[], Any]) -> Any:
     except click.UsageError as exc:
         if debug():
             raise
+        if _reported_by_process_zero(exc):
+            sys.exit(2)
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         click.echo(f"Error: {exc.format_message()}{hint}", err=True)
         sys.exit(2)

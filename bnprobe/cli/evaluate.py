@@ -33,10 +33,17 @@ from ._common import CommaList, device_option, echo, quiet_option, seed_option, 
 @device_option
 @quiet_option
 def command(quiet: bool, **options) -> None:
-    """Evaluate RUN_DIR or CHECKPOINT; write metrics.json, coverage.csv and robustness.csv."""
+    """Evaluate RUN_DIR or CHECKPOINT; write metrics.json, coverage.csv and robustness.csv.
+
+    Under torchrun (torchrun --nproc-per-node N -m bnprobe evaluate ...) the processes share the
+    evaluation images; process 0 writes.
+    """
+    from ..distributed import world
     from ..evaluation.run import evaluate_checkpoint
 
     doc = evaluate_checkpoint(progress=not quiet, log=echo, **options)
+    if not world().is_main:  # another process of torchrun: process 0 reports
+        return
     echo(f"{doc['label']} on {doc['config']['split']} ({doc['config']['n']} images)")
     echo(f"{'':8s} {'accuracy':>9s} {'nll':>8s} {'ece':>8s} {'ece_ad':>8s} {'brier':>8s} {'aurc':>8s}")
     for name, m in doc["metrics"].items():

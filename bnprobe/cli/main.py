@@ -29,6 +29,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # One module per command, each exposing ``command``; they import the library lazily.
 _COMMANDS = ["quickstart", "train", "retrain", "measure", "recalibrate", "fit", "plot", "evaluate", "report"]
+_COMMANDS += ["study"]  # bnprobe/cli/study.py
 
 
 def _register() -> None:

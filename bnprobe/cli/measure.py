@@ -38,7 +38,9 @@ from ._common import CommaList, checkpoint_data_options, echo, quiet_option
 @click.option("--layers", default=None, help="Glob(s) of BN layer names, comma-separated (default all).")
 @checkpoint_data_options
 @click.option("--out", default=MEASUREMENTS_DIR, show_default=True, help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace measurements already in --out.")
+@click.option("--force", is_flag=True,
+              help="Replace measurements already in --out, and write fitted.json even from a "
+                   "measurement flagged as broken.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted measurement in --out.")
 @quiet_option
 def command(quiet: bool, **options) -> None:
@@ -46,14 +48,18 @@ def command(quiet: bool, **options) -> None:
 
     V = (mu - M) / sqrt(sigma^2 + eps) and U = sqrt(sigma^2 + eps) / sqrt(S^2 + eps), with M, S^2 a
     batch's mean and variance of the layer's input, mu, sigma^2 the reference, eps the BN's own.
+
+    Under torchrun (torchrun --nproc-per-node N -m bnprobe measure ...) the processes share the
+    draws of each batch size; process 0 writes the folder.
     """
     import pandas as pd
 
     from ..measure.pipeline import layer_table, measure_checkpoint
 
-    m, summary = measure_checkpoint(progress=not quiet, log=None if quiet else echo, **options)
-    for warning in m.meta.get("warnings", []):
-        click.echo(f"Warning: {warning}", err=True)
+    m, summary = measure_checkpoint(progress=not quiet, log=None if quiet else echo,
+                                    warn=lambda line: click.echo(f"Warning: {line}", err=True), **options)
+    if summary is None:  # not process 0 of torchrun: it reports
+        return
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500,
                            "display.float_format", "{:.4g}".format):
         echo(layer_table(summary).to_string(index=False))

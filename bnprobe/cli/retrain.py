@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import echo, out_option, quiet_option
-from .train import report, train_options
+from .train import augment_settings, report, train_options
 
 
 @click.command("retrain")
@@ -24,5 +24,6 @@ def command(out: str, resume: bool, quiet: bool, no_augment: bool, noise: str | 
     from ..retrain import retrain
 
     result = retrain(out, noise=noise, resume=resume, progress=not quiet,
-                     log=None if quiet else echo, augment=not no_augment, **options)
+                     log=None if quiet else echo,
+                     **augment_settings(options.pop("augment"), no_augment), **options)
     report(result)

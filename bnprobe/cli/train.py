@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from ..options import LR_SEARCH_STEPS, LR_SEARCH_TRIALS, NOISE_ADAM_LR, default_lr_help
+from ..options import LR_SEARCH_STEPS, LR_SEARCH_TRIALS, NOISE_ADAM_LR, Augment, default_lr_help
 from ._common import device_option, echo, out_option, quiet_option, seed_option
 
 
@@ -19,6 +19,9 @@ def _data_options(dataset_default: str | None) -> Callable:
     def apply(f: Callable) -> Callable:
         f = click.option("--image-size", type=int, default=None,
                          help="Resize image-folder images to this size.")(f)
+        f = click.option("--channels", type=click.IntRange(1, 3), default=None,
+                         help="Convert the images to this many channels (1 <-> 3), e.g. 3 for a "
+                              "torchvision model on grayscale data [default: as stored].")(f)
         f = click.option("--data-root", default=None,
                          help="Dataset folder (default data/<dataset> or $BNPROBE_DATA/<dataset>).")(f)
         return click.option("--dataset", default=dataset_default, show_default=True,
@@ -114,7 +117,13 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
             click.option("--weight-decay", type=float, default=0.0, show_default=True),
             click.option("--limit-train", type=int, default=None,
                          help="Train on a random subset of N images."),
-            click.option("--no-augment", is_flag=True, help="No random translation or flips."),
+            click.option("--augment", type=click.Choice([a.value for a in Augment]), default="auto",
+                         show_default=True,
+                         help="Training augmentation: random translations (up to 2 pixels) and/or "
+                              "horizontal flips; auto: translations, plus flips where the data "
+                              "declares them natural (CIFAR-10, RGB image folders; not digits or "
+                              "grayscale folders, see data/README.md)."),
+            click.option("--no-augment", is_flag=True, help="Same as --augment none."),
             seed_option,
             device_option,
         ]
@@ -122,6 +131,11 @@ def train_options(dataset: str | None = "digits", arch: str | None = "allcnn",
             f = option(f)
         return f
     return apply
+
+
+def augment_settings(choice: str, no_augment: bool) -> dict[str, Any]:
+    """TrainConfig fields of ``--augment`` (``--no-augment`` wins)."""
+    return Augment.parse("none" if no_augment else choice, "augment").settings()
 
 
 def report(result: Any) -> None:
@@ -144,6 +158,6 @@ def command(out: str, resume: bool, quiet: bool, no_augment: bool, **options) ->
     """Train a network and write RUN_DIR/{config.json, checkpoint.pt, metrics.csv}."""
     from ..training import TrainConfig, train
 
-    config = TrainConfig(augment=not no_augment, **options)
+    config = TrainConfig(**augment_settings(options.pop("augment"), no_augment), **options)
     result = train(config, out, resume=resume, progress=not quiet, log=None if quiet else echo)
     report(result)

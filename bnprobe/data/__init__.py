@@ -3,7 +3,7 @@
 from ._image_data import ImageData
 from .augment import augment
 from .batches import DeviceImages, Normalization, num_batches
-from .spec import DataSpec, Splits, default_root, load_dataset, make_splits
+from .spec import DataSpec, Splits, default_root, load_dataset, load_for_spec, make_splits
 from .splits import train_val_split
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "augment",
     "default_root",
     "load_dataset",
+    "load_for_spec",
     "make_splits",
     "num_batches",
     "train_val_split",

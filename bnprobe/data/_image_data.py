@@ -68,6 +68,29 @@ class ImageData:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def with_channels(self, channels: int | None) -> ImageData:
+        """The same images with ``channels`` channels (1 <-> 3); ``self`` when they already have it.
+
+        Grayscale to RGB repeats the channel; RGB to grayscale takes the luminance
+        ``0.299 R + 0.587 G + 0.114 B`` (ITU-R 601, as PIL's ``convert("L")``), rounded.
+
+        Raises:
+            BnprobeError: For any other conversion.
+        """
+        have = self.input_shape[0]
+        if channels is None or channels == have:
+            return self
+        def convert(x: torch.Tensor) -> torch.Tensor:
+            if have == 1 and channels == 3:
+                return x.repeat(1, 3, 1, 1)
+            if have == 3 and channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)
+                return (x.double() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            raise BnprobeError(f"{self.name}: cannot convert {have}-channel images to {channels} channels "
+                               "(--channels supports 1 <-> 3)")
+        return ImageData(self.name, self.root, convert(self.train_x), self.train_y, convert(self.test_x),
+                         self.test_y, list(self.classes), self.flip)
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and standard deviation of the training images scaled to [0, 1]."""
         x = self.train_x.to(torch.float64).div_(255.0)

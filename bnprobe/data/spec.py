@@ -27,6 +27,7 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     cache_dir: str | Path | None = None,
+    channels: int | None = None,
 ) -> ImageData:
     """Load a dataset by name into memory.
 
@@ -36,10 +37,33 @@ def load_dataset(
         download: Download CIFAR-10 when missing (needs a network).
         image_size: Resize image-folder images to this size.
         cache_dir: Where image folders keep their decoded cache.
+        channels: Convert the images to this many channels (1 <-> 3; None: as read).
 
     Returns:
         The dataset.
     """
+    return _load(name, root, download, image_size, cache_dir).with_channels(channels)
+
+
+def load_for_spec(spec: DataSpec, root: str | Path | None = None) -> ImageData:
+    """Load the data a checkpoint was trained on, as it was trained on (channels, image size).
+
+    Args:
+        spec: The checkpoint's data description.
+        root: Another folder holding the same data (default: the recorded root).
+
+    Returns:
+        The dataset.
+    """
+    channels, size = int(spec.input_shape[0]), list(spec.input_shape[1:])
+    root = root if root is not None else spec.root
+    data = load_dataset(spec.name, root, channels=channels)
+    if list(data.input_shape[1:]) != size and spec.name == DatasetName.IMAGEFOLDER.value:
+        data = load_dataset(spec.name, root, image_size=size[0], channels=channels)  # --image-size
+    return data
+
+
+def _load(name, root, download, image_size, cache_dir) -> ImageData:
     kind = DatasetName.parse(name, "dataset")
     if kind is DatasetName.DIGITS:
         from .digits import load_digits
@@ -77,13 +101,18 @@ class DataSpec:
     classes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_data(cls, data: ImageData, translate: int = 2, **kwargs: Any) -> DataSpec:
-        """Describe ``data`` with its training-set channel statistics."""
+    def from_data(cls, data: ImageData, translate: int = 2, flip: bool | None = None,
+                  **kwargs: Any) -> DataSpec:
+        """Describe ``data`` with its training-set channel statistics.
+
+        ``flip`` None takes the data's declared default (:attr:`ImageData.flip`).
+        """
         mean, std = data.channel_stats()
         return cls(
             name=data.name, root=data.root, num_classes=data.num_classes,
             input_shape=list(data.input_shape), mean=mean, std=std, translate=translate,
-            flip=data.flip, fingerprint=data.fingerprint, classes=list(data.classes), **kwargs,
+            flip=data.flip if flip is None else flip, fingerprint=data.fingerprint,
+            classes=list(data.classes), **kwargs,
         )
 
     @classmethod

@@ -14,6 +14,7 @@ from torch import nn
 
 from .._version import __version__
 from ..data.batches import DeviceImages
+from ..distributed import rank_stream, shard_slice, shared_errors, world
 from ..errors import BnprobeError
 from ..layers import find_bn_layers, preserved_state
 from ..options import IsolatedMethod, MeasureMode, Reference, SpatialSampling
@@ -23,7 +24,7 @@ from ._source import InputSource
 from .graph import fixed_statistics
 from .isolated import draw_indices, isolated_vu
 from .measurements import FORMAT, VERSION, Measurements
-from .recorder import LayerRecord, Recorder
+from .recorder import LayerRecord, Recorder, gather_records
 from .reference import ReferenceResult, reference_pass
 
 
@@ -54,10 +55,29 @@ def _running_deviation(module: nn.Module, population: tuple) -> dict[str, float]
     return dict(zip(keys, (float(shift.median()), float(shift.max()), float(ratio.median()), float(worst))))
 
 
+#: Running buffers this far off (std ratio beyond x3 or mean shifted by 3 sigma) are unusable.
+UNUSABLE_STD_RATIO = 3.0
+UNUSABLE_MEAN_SHIFT = 3.0
+
+
 def stale_buffer_warning(layers: pd.DataFrame, tolerance: float = 0.05) -> str | None:
-    """One line when running buffers differ from the population by more than ``tolerance``."""
+    """One line when running buffers differ from the population by more than ``tolerance``.
+
+    Buffers off by more than :data:`UNUSABLE_STD_RATIO` (std) or :data:`UNUSABLE_MEAN_SHIFT`
+    sigma (mean) in some layer are called unusable: evaluation mode of such a network says
+    nothing about the trained one.
+    """
     if "running_mean_shift" not in layers:
         return None
+    ratio = layers["running_std_ratio_worst"]
+    unusable = layers[(layers["running_mean_shift_max"] > UNUSABLE_MEAN_SHIFT)
+                      | (ratio > UNUSABLE_STD_RATIO) | (ratio < 1 / UNUSABLE_STD_RATIO)]
+    if not unusable.empty:
+        worst = unusable.loc[(unusable["running_std_ratio_worst"].apply(lambda r: max(r, 1 / r))).idxmax()]
+        return (f"the running BN buffers are unusable in {len(unusable)} of {len(layers)} layers (worst "
+                f"{worst['name']}: std ratio {worst['running_std_ratio_worst']:.3g}, mean shifted by up to "
+                f"{worst['running_mean_shift_max']:.3g} sigma): evaluation mode normalizes by statistics "
+                "far from the data; bnprobe recalibrate writes a checkpoint with population buffers")
     off = layers[(layers["running_mean_shift"] > tolerance)
                  | ((layers["running_std_ratio"] - 1).abs() > tolerance)]
     if off.empty:
@@ -96,11 +116,17 @@ def measure(
     reference statistics; both square roots include the layer's eps, as BN computes them
     (``U = sqrt(sigma^2 + eps) / sqrt(S^2 + eps)``, ``V = (mu - M) / sqrt(sigma^2 + eps)``).
 
+    Under torchrun (a process group joined, see :mod:`bnprobe.distributed`) every process
+    computes the same reference pass, then draws its :func:`~bnprobe.distributed.shard_slice`
+    of the ``samples`` draws of each batch size with a random stream of its own (process 0
+    keeps the stream of one process); the draws are gathered in process order, and every
+    process returns the same measurements. Bad input is raised on every process.
+
     Args:
         model: The network; it comes back exactly as it was (flags, buffers, no hooks).
         data: ``DeviceImages``, a torch Dataset (items ``(x, y)`` or ``x``) or a Tensor.
         batch_sizes: Batch sizes k to draw (each >= 2 and <= the data size).
-        samples: Draws per batch size.
+        samples: Draws per batch size (under torchrun, split between the processes).
         mode: ``joint`` (every BN in training mode, as during learning: a layer's V and U
             include the noise its upstream layers pass on) or ``isolated`` (every other BN
             normalizes with the reference statistics: pure per-layer sampling noise).
@@ -127,30 +153,36 @@ def measure(
         source: Provenance to store in ``meta['source']`` (checkpoint, dataset, ...).
         resume_dir: Folder where progress is kept (reference pass, finished batch sizes,
             generator states). A call with the same arguments continues from it and gives
-            the same result as an uninterrupted one; other arguments are refused.
+            the same result as an uninterrupted one; other arguments are refused, and so is
+            another number of processes. Under torchrun only process 0 uses the folder.
 
     Returns:
         The measurements; ``meta['warnings']`` lists problems found on the way.
     """
-    mode = MeasureMode.parse(mode, "mode")
-    reference = Reference.parse(reference, "reference")
-    isolated_method = IsolatedMethod.parse(isolated_method, "isolated method")
-    spatial_sampling = SpatialSampling.parse(spatial_sampling, "spatial sampling")
-    fractions = sorted({1.0, *(float(f) for f in (spatial_fractions or []))})
-    batch_sizes = sorted({int(k) for k in batch_sizes})
-    if samples < 2:
-        raise BnprobeError(f"samples must be at least 2, got {samples}")
-    if augment_draws < 1:
-        raise BnprobeError(f"augment draws must be at least 1, got {augment_draws}")
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    if augment is None:
-        augment = isinstance(data, DeviceImages) and (data.norm.translate > 0 or data.norm.flip)
-    src = InputSource(data, device, augment)
-    _check_sizes(batch_sizes, len(src), fractions)
-    bn_layers = find_bn_layers(model, layers)
+    w = world()
+    progress = progress and w.is_main
+    with shared_errors():
+        mode = MeasureMode.parse(mode, "mode")
+        reference = Reference.parse(reference, "reference")
+        isolated_method = IsolatedMethod.parse(isolated_method, "isolated method")
+        spatial_sampling = SpatialSampling.parse(spatial_sampling, "spatial sampling")
+        fractions = sorted({1.0, *(float(f) for f in (spatial_fractions or []))})
+        batch_sizes = sorted({int(k) for k in batch_sizes})
+        least = max(2, w.size)
+        if samples < least:
+            raise BnprobeError(f"samples must be at least {least}"
+                               f"{' (one per process)' if least > 2 else ''}, got {samples}")
+        if augment_draws < 1:
+            raise BnprobeError(f"augment draws must be at least 1, got {augment_draws}")
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        device = torch.device(device)
+        if augment is None:
+            augment = isinstance(data, DeviceImages) and (data.norm.translate > 0 or data.norm.flip)
+        src = InputSource(data, device, augment)
+        _check_sizes(batch_sizes, len(src), fractions)
+        bn_layers = find_bn_layers(model, layers)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     aug_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     sufficient = mode is MeasureMode.ISOLATED and isolated_method is IsolatedMethod.SUFFICIENT
@@ -163,32 +195,36 @@ def measure(
               "spatial_sampling": spatial_sampling.value}
     partial = PartialMeasurement(resume_dir, settings_key(config, source, model, gen) if resume_dir else "")
     gens = {"gen": gen, "aug_gen": aug_gen}
+    mine = shard_slice(samples, w)
+    count = mine.stop - mine.start  # this process's draws of each batch size
 
     with preserved_state(model), torch.no_grad():
         if partial.resumed:
             partial.restore_generators(**gens)
             res = ReferenceResult.from_state(partial.reference, device)
         else:
-            res = reference_pass(model, src, reference, size=reference_size,
-                                 sums_for=[n for n, _ in bn_layers] if sufficient else (),
-                                 fractions=fractions, augment_draws=draws, generator=gen,
-                                 aug_generator=aug_gen, cache_bytes=cache_bytes, progress=progress)
-            partial.save(res.to_state(), gens)
+            with shared_errors():  # the same pass on every process: the same reference
+                res = reference_pass(model, src, reference, size=reference_size,
+                                     sums_for=[n for n, _ in bn_layers] if sufficient else (),
+                                     fractions=fractions, augment_draws=draws, generator=gen,
+                                     aug_generator=aug_gen, cache_bytes=cache_bytes, progress=progress)
+            for g in gens.values():  # the draws: a stream per process (process 0 keeps its own)
+                rank_stream(g, w.rank)
+            partial.save(gens, reference=res.to_state)
         position = {name: i for i, name in enumerate(res.order)}
         bn_layers = sorted(bn_layers, key=lambda nm: position.get(nm[0], len(position)))
         for k in batch_sizes:
             if k in partial.tables:
                 continue
             if sufficient:
-                records = _sufficient_records(res, bn_layers, fractions, k, samples, len(src), draws, gen)
+                records = _sufficient_records(res, bn_layers, fractions, k, count, len(src), draws, gen)
             else:
-                records = _forward_records(model, src, res, bn_layers, mode, fractions, k, samples, gen,
+                records = _forward_records(model, src, res, bn_layers, mode, fractions, k, count, gen,
                                            aug_gen, spatial_sampling, progress)
-            partial.save(partial.reference, gens, k,
-                         _tidy(records, bn_layers, fractions, k, samples))
+            partial.save(gens, k=k, table=_tidy(gather_records(records), bn_layers, fractions, k, samples))
     tables = [partial.tables[k] for k in batch_sizes]
     layer_table, ref_table = _layer_tables(bn_layers, res, reference, dict(_spatial(tables)))
-    warnings = [w for w in [stale_buffer_warning(layer_table)] if w]
+    warnings = [line for line in [stale_buffer_warning(layer_table)] if line]
     meta = {
         "format": FORMAT, "version": VERSION, "bnprobe_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -196,6 +232,7 @@ def measure(
         "reference_pass": {"method": res.method, "inputs": res.inputs, "restarts": res.restarts,
                            "layers": len(res.order)},
         "warnings": warnings,
+        "world_size": w.size,
         "source": source or {},
     }
     return Measurements(pd.concat(tables, ignore_index=True), layer_table, ref_table, meta)

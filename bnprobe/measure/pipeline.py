@@ -9,14 +9,15 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from ..checkpoint import checkpoint_path, open_checkpoint, save_checkpoint
-from ..data import DataSpec, load_dataset, make_splits
+from ..checkpoint import checkpoint_path, foreign_arch_kwargs, open_checkpoint, save_checkpoint
+from ..data import DataSpec, load_dataset, load_for_spec, make_splits
+from ..distributed import setup, shared_errors
 from ..errors import BnprobeError
 from ..io import atomic_write
 from ..layout import FITTED, MEASUREMENTS_DIR, META, SUMMARY
 from ..options import resolve_device
 from .core import _check_sizes, measure
-from .fit import fit_noise, noise_flags
+from .fit import broken_layers, fit_noise, noise_flags
 from .measurements import Measurements
 from .recalibrate import recalibrate
 
@@ -46,6 +47,8 @@ def measure_checkpoint(
     data_root: str | None = None,
     arch: str | None = None,
     num_classes: int | None = None,
+    width: float | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     unsafe_load: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -53,7 +56,8 @@ def measure_checkpoint(
     resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
-) -> tuple[Measurements, pd.DataFrame]:
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Measurements, pd.DataFrame | None]:
     """Measure a checkpoint on its training data and write the measurement folder.
 
     Writes samples.parquet, layers.csv, reference.parquet, meta.json, summary.csv and
@@ -62,11 +66,70 @@ def measure_checkpoint(
     interrupted run continues with ``resume`` (same settings, same result); ``force`` starts
     over.
 
+    The measurement checks itself: every problem (stale or unusable running buffers, layers
+    whose noise the Gaussian V/U model does not fit, small spatial maps) is one line to
+    ``warn`` and in meta.json. A measurement that is clearly broken in some layer (see
+    :func:`bnprobe.measure.fit.broken_reasons`) writes no fitted.json unless ``force``: the
+    rest of the folder is written and a BnprobeError says why.
+
+    Under torchrun (``torchrun --nproc-per-node N -m bnprobe measure ...``) the processes
+    share the draws (see :func:`.core.measure`); process 0 logs and writes the folder, the
+    progress included, and a resumed measurement needs the same number of processes.
+
     Returns:
-        The measurements and their summary table.
+        The measurements and their summary table (None on processes other than 0).
     """
-    log = log or (lambda _m: None)
+    world, dev = setup(device)
+    log = log if log is not None and world.is_main else (lambda _m: None)
+    progress = progress and world.is_main
     out = Path(out)
+    partial_dir = out / PARTIAL_DIR
+    with shared_errors():
+        if world.is_main:
+            _prepare_out(out, force, resume, log)
+        ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
+                               device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
+        name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
+        _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
+    gen = torch.Generator().manual_seed(seed)
+    log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
+        f"batch sizes {list(batch_sizes)}, {samples} draws each"
+        + (f" split between {world.size} processes" if world.distributed else ""))
+    source: dict[str, Any] = {
+        "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
+        "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
+        "dataset_fingerprint": data.fingerprint, "seed": seed,
+    }
+    m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
+                spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
+                reference_size=reference_size, augment_draws=augment_draws,
+                isolated_method=isolated_method, spatial_sampling=spatial_sampling,
+                progress=progress, source=source, resume_dir=partial_dir)
+    if not world.is_main:
+        return m, None
+    summary = m.summary(seed=seed)
+    summary.insert(2, "mode", m.meta["config"]["mode"])
+    summary.insert(3, "reference", m.meta["config"]["reference"])
+    spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
+    m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out),
+                          *filter(None, [spatial_note(summary, data.input_shape)])]
+    broken = broken_layers(spec_out)
+    m.meta["noise_file"] = "written" if (not broken or force) else "refused: broken measurement"
+    for line in m.meta["warnings"]:
+        (warn or log)(line)
+    m.save(out)
+    atomic_write(out / SUMMARY, lambda p: summary.to_csv(p, index=False))
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    if broken and not force:
+        raise BnprobeError(f"no {FITTED} written: the measurement is broken in {len(broken)} of "
+                           f"{len(spec_out.layers)} layers ({broken[0]}); the rest of {out} is written; "
+                           "pass --force to write the noise file anyway")
+    spec_out.save(out / FITTED)
+    return m, summary
+
+
+def _prepare_out(out: Path, force: bool, resume: bool, log: Callable[[str], None]) -> None:
+    """Refuse to overwrite finished measurements; clear (``force``) or continue (``resume``) progress."""
     if (out / META).exists() and not force:
         raise BnprobeError(f"{out} already holds measurements; pass --force to replace them or use --out")
     partial_dir = out / PARTIAL_DIR
@@ -78,34 +141,18 @@ def measure_checkpoint(
                                "or --force to start over")
         else:
             log(f"resuming the interrupted measurement in {out}")
-    dev = resolve_device(device)
-    ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
-                           device=dev)
-    name, root, data, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
-    _check_sizes(sorted(batch_sizes), len(splits.train), spatial_fractions or [])
-    gen = torch.Generator().manual_seed(seed)
-    log(f"measuring {checkpoint} on {name} ({len(splits.train)} training images), "
-        f"batch sizes {list(batch_sizes)}, {samples} draws each")
-    source: dict[str, Any] = {
-        "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
-        "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
-        "dataset_fingerprint": data.fingerprint, "seed": seed,
-    }
-    m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
-                spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
-                reference_size=reference_size, augment_draws=augment_draws,
-                isolated_method=isolated_method, spatial_sampling=spatial_sampling,
-                progress=progress, source=source, resume_dir=partial_dir)
-    summary = m.summary(seed=seed)
-    summary.insert(2, "mode", m.meta["config"]["mode"])
-    summary.insert(3, "reference", m.meta["config"]["reference"])
-    spec_out = fit_noise(m, default_export_batch_size(m.batch_sizes), summary=summary)
-    m.meta["warnings"] = [*m.meta.get("warnings", []), *noise_flags(spec_out)]
-    m.save(out)
-    atomic_write(out / SUMMARY, lambda p: summary.to_csv(p, index=False))
-    spec_out.save(out / FITTED)
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    return m, summary
+
+
+def spatial_note(summary: pd.DataFrame, input_shape: Sequence[int]) -> str | None:
+    """A note when small inputs leave BN layers with tiny maps (an ImageNet stem on 28x28)."""
+    sizes = summary.drop_duplicates("layer").sort_values("layer_index")["spatial_size"].astype(int)
+    if sizes.empty or sizes.min() > 4:
+        return None
+    side = sorted({round(s ** 0.5) for s in sizes}, reverse=True)
+    tiny = int((sizes <= 4).sum())
+    return (f"with {input_shape[-2]}x{input_shape[-1]} inputs the BN layers see maps of "
+            f"{', '.join(f'{s}x{s}' for s in side)}; {tiny} of {len(sizes)} layers have at most 2x2 "
+            "positions, so their batch statistics come from few values (n = k x positions)")
 
 
 def layer_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -127,7 +174,8 @@ def checkpoint_training_data(ckpt: Any, dataset: str | None, data_root: str | No
     if name is None:
         raise BnprobeError("this checkpoint records no dataset: pass --dataset (and --data-root)")
     root = data_root or (spec.root if spec and name == spec.name else None)
-    data = load_dataset(name, root)
+    same = spec is not None and name == spec.name
+    data = load_for_spec(spec, root) if same else load_dataset(name, root)
     if spec is None or name != spec.name or (data_root and spec.fingerprint != data.fingerprint):
         spec = DataSpec.from_data(data, translate=spec.translate if spec else 0)
     if spec.input_shape and list(spec.input_shape) != list(data.input_shape):
@@ -145,6 +193,8 @@ def recalibrate_checkpoint(
     data_root: str | None = None,
     arch: str | None = None,
     num_classes: int | None = None,
+    width: float | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     unsafe_load: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -162,6 +212,8 @@ def recalibrate_checkpoint(
         data_root: Override the dataset folder.
         arch: Architecture of a plain state_dict.
         num_classes: Classes of a plain state_dict.
+        width: All-CNN width of a plain state_dict.
+        arch_kwargs: More architecture arguments of a plain state_dict.
         unsafe_load: Allow pickled checkpoints.
         seed: Seed of the subset and augmentation.
         device: Where to run.
@@ -181,7 +233,7 @@ def recalibrate_checkpoint(
         raise BnprobeError(f"--out {out} is the checkpoint itself; choose another file")
     dev = resolve_device(device)
     ckpt = open_checkpoint(checkpoint, arch=arch, num_classes=num_classes, unsafe_load=unsafe_load,
-                           device=dev)
+                           device=dev, arch_kwargs=foreign_arch_kwargs(width, arch_kwargs))
     name, _, _, splits = checkpoint_training_data(ckpt, dataset, data_root, dev)
     info = recalibrate(ckpt.model, splits.train, size=reference_size,
                        generator=torch.Generator().manual_seed(seed), device=dev, progress=progress)

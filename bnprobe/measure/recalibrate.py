@@ -29,6 +29,7 @@ def recalibrate(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Set every BN layer's running buffers to its sequential population statistics.
 
@@ -45,6 +46,8 @@ def recalibrate(
         generator: CPU generator (subset, augmentation seed); None: seed 0.
         device: Where to run (default: the model's device).
         progress: Show a progress bar.
+        shard: Under torchrun, split the inputs between the processes and merge the
+            statistics layer by layer (every process ends with the same buffers).
 
     Returns:
         Provenance: ``{"buffers": "population", "images": N, "augment": bool, "method": ...}``.
@@ -67,7 +70,7 @@ def recalibrate(
     flags = {m: m.training for m in model.modules()}
     try:
         res = reference_pass(model, source, size=size, generator=gen, aug_generator=aug_gen,
-                             progress=progress)
+                             progress=progress, shard=shard)
     finally:
         for m, flag in flags.items():
             m.training = flag

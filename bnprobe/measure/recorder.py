@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..distributed import all_gather_objects, world
 from ..layers import channel_moments, hooks_removed, spatial_size
 from .graph import StopForward
 
@@ -25,6 +26,28 @@ class LayerRecord:
         self.v = {f: torch.empty(draws, channels, device=device, dtype=torch.float64) for f in fractions}
         self.u = {f: torch.empty(draws, channels, device=device, dtype=torch.float64) for f in fractions}
         self.spatial = 0
+
+
+def gather_records(records: dict[str, LayerRecord]) -> dict[str, LayerRecord]:
+    """Every torchrun process's draws, concatenated in process order (alone: ``records``).
+
+    Every process calls it with records of the same layers and fractions; the result is on
+    each process's device.
+    """
+    if not world().distributed:
+        return records
+    mine = {name: (r.spatial, {f: (r.v[f].cpu(), r.u[f].cpu()) for f in r.v}) for name, r in records.items()}
+    parts = all_gather_objects(mine)
+    out = {}
+    for name, r in records.items():
+        device = next(iter(r.v.values())).device
+        rec = LayerRecord(0, 0, [], device)
+        rec.spatial = parts[0][name][0]
+        for f in r.v:
+            rec.v[f] = torch.cat([part[name][1][f][0] for part in parts]).to(device)
+            rec.u[f] = torch.cat([part[name][1][f][1] for part in parts]).to(device)
+        out[name] = rec
+    return out
 
 
 def _batch_stats(x: torch.Tensor, fraction: float, generator: torch.Generator | None,

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import BnprobeError
 from ..layers import channel_moments
 from ..options import Reference
@@ -56,6 +57,34 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + var * n + delta.square() * (self.count * n / total)
         self.count = total
+
+    def merge(self, count: int, mean: torch.Tensor | None, m2: torch.Tensor | None) -> None:
+        """Add another accumulator's ``(count, mean, m2)`` (Chan et al.)."""
+        if not count:
+            return
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
+        self.count = total
+
+    def over_processes(self) -> _Moments:
+        """The moments of every process's inputs together, merged in rank order.
+
+        Without torchrun: ``self``.
+        """
+        if not distributed.world().distributed:
+            return self
+        mine = (self.count, None if self.mean is None else self.mean.cpu(),
+                None if self.m2 is None else self.m2.cpu())
+        device = self.mean.device if self.mean is not None else torch.device("cpu")
+        out = _Moments()
+        for count, mean, m2 in distributed.all_gather_objects(mine):
+            out.merge(count, None if mean is None else mean.to(device), None if m2 is None else m2.to(device))
+        return out
 
     @property
     def var(self) -> torch.Tensor:
@@ -225,6 +254,7 @@ def reference_pass(
     aug_generator: torch.Generator | None = None,
     cache_bytes: int | None = None,
     progress: bool = False,
+    shard: bool = False,
 ) -> ReferenceResult:
     """Reference statistics of every BN layer (and per-input sums of some), in one pass.
 
@@ -244,11 +274,18 @@ def reference_pass(
         aug_generator: Device generator for augmentation.
         cache_bytes: Memory for kept intermediate values (default: see ``default_cache_bytes``).
         progress: Show a progress bar.
+        shard: Under torchrun, each process passes its share of the inputs and the layer
+            moments are merged over processes before the next layer (every process ends with
+            the same statistics); augmentation draws are then independent per process.
+            Without per-input sums only (``sums_for`` empty).
 
     Returns:
         The :class:`ReferenceResult`.
     """
     reference = Reference.parse(reference, "reference")
+    shard = shard and distributed.world().distributed
+    if shard and sums_for:
+        raise ValueError("reference_pass: shard=True records no per-input sums")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     n_all = len(source)
     if size is not None and size < 1:
@@ -257,6 +294,11 @@ def reference_pass(
     index = torch.randperm(n_all, generator=gen)[:n] if n < n_all else torch.arange(n_all)
     draws = max(1, int(augment_draws)) if source.augment else 1
     items = index.repeat(draws)
+    total = len(items)
+    if shard:  # this process's share of the inputs; its augmentation stream is its own
+        items = items[distributed.shard_slice(len(items))]
+        if aug_generator is not None:
+            distributed.rank_stream(aug_generator)
     chunks = [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
     device = source.device
     sub_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
@@ -301,8 +343,10 @@ def reference_pass(
                     kept.append(after)
         if kept is not None:
             states, held = kept, pos
+        if shard:
+            acc = acc.over_processes()
         pop[layer] = (acc.mean, acc.var)
         ref[layer] = pop[layer] if reference is Reference.POPULATION else _running(layer, modules[layer])
         if rec is not None:
             sums[layer] = rec.result(draws)
-    return ReferenceResult(ref, pop, sums, list(net.order), net.method, len(items), restarts)
+    return ReferenceResult(ref, pop, sums, list(net.order), net.method, total, restarts)

@@ -65,7 +65,8 @@ def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise BnprobeError(f"unknown torchvision model {name!r}") from exc
     in_channels = kwargs.pop("in_channels", 3)
     if in_channels != 3:
-        raise BnprobeError(f"torchvision:{name} takes 3 input channels, the data has {in_channels}")
+        raise BnprobeError(f"torchvision:{name} takes 3 input channels, the data has {in_channels}: "
+                           "train with --channels 3")
     kwargs.pop("width", None)
     convert = {key: kwargs.pop(key) for key in _CONVERT_KWARGS if key in kwargs}
     try:

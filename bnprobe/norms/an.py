@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .moment_maps import channel_moments, conv2d_map_moments
 from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
 from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
@@ -48,7 +49,9 @@ class ANConv2d(_WNBase):
         out_channels: Output channels.
         kernel_size: Kernel size (int or pair).
         stride: Stride.
-        padding: Zero padding (its border effect on the moments is ignored).
+        padding: Zero padding (its border effect on the moments is accounted for when the
+            input moments are position maps, see :meth:`set_input_moments`; ignored for
+            channel vectors).
         dilation: Dilation.
         groups: Convolution groups (the moments of each group's outputs come from its inputs).
         bias: Whether to learn the output bias ``b``.
@@ -87,20 +90,26 @@ class ANConv2d(_WNBase):
         self.last_sigma: Optional[Tensor] = None
 
     def set_input_moments(self, m: Tensor, v: Tensor) -> None:
-        """Store the input channel moments used by the following forwards.
+        """Store the input moments used by the following forwards.
+
+        Either channel vectors ``(C_in,)``: every position of a channel has these moments and
+        every kernel tap counts (the interior positions' moments); or position maps
+        ``(H, W, C_in)`` (:mod:`bnprobe.norms.moment_maps`): the convolution's output moments
+        are computed position by position, the padded border included, and normalized by
+        their mixture over positions (what BN would measure).
 
         Args:
-            m: Input channel means ``(C_in,)`` (its autograd graph is kept).
-            v: Input channel variances ``(C_in,)``.
+            m: Input means ``(C_in,)`` or ``(H, W, C_in)`` (its autograd graph is kept).
+            v: Input variances, same shape.
 
         Raises:
-            ValueError: If a shape is not ``(in_channels,)``.
+            ValueError: If a shape is neither ``(in_channels,)`` nor ``(H, W, in_channels)``.
         """
         for name, t in (("m", m), ("v", v)):
-            if tuple(t.shape) != (self.in_channels,):
+            if t.dim() not in (1, 3) or t.shape[-1] != self.in_channels or t.shape != m.shape:
                 raise ValueError(
-                    f"ANConv2d.set_input_moments: {name} must have shape ({self.in_channels},), "
-                    f"got {tuple(t.shape)}"
+                    f"ANConv2d.set_input_moments: {name} must have shape ({self.in_channels},) "
+                    f"or (H, W, {self.in_channels}) like m, got {tuple(t.shape)}"
                 )
         self._m_in, self._v_in = m, v
 
@@ -118,26 +127,48 @@ class ANConv2d(_WNBase):
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
-        mu, var = conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups)
+        return self._normalizer(self._output_moments()[0])
+
+    def _output_moments(self) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
+        # ((mu, var) per channel, (mean, var) maps or None) of conv(x, w)
+        if self._m_in.dim() == 1:
+            return conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups), None
+        maps = conv2d_map_moments(
+            self._m_in, self._v_in, self.weight, None, self.stride, self.padding, self.dilation,
+            self.groups,
+        )  # fmt: skip
+        return channel_moments(*maps), maps
+
+    def _normalizer(self, moments: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        mu, var = moments
         sigma = (var + self.eps).sqrt()
         self.last_mu, self.last_sigma = mu.detach(), sigma.detach()
         return mu, sigma
 
     def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the input moments and return this layer's output channel moments.
+        """Store the input moments and return this layer's output moments.
 
-        The normalized ``x_hat`` has moments ``(0, 1)``; they go through the noise module's
-        eval-mode map and the affine, giving ``(b, s^2)`` without noise (``0``/``1`` where
-        ``b``/``s`` are disabled).
+        For channel vectors the normalized ``x_hat`` has moments ``(0, 1)``; they go through
+        the noise module's eval-mode map and the affine, giving ``(b, s^2)`` without noise
+        (``0``/``1`` where ``b``/``s`` are disabled). For position maps ``x_hat`` has the map
+        ``((mean_p - mu) / sigma, var_p / sigma^2)`` (border positions differ from the
+        interior), mapped the same way.
 
         Args:
-            m: Input channel means ``(C_in,)``.
-            v: Input channel variances ``(C_in,)``.
+            m: Input means ``(C_in,)`` or ``(H, W, C_in)``.
+            v: Input variances, same shape.
 
         Returns:
-            ``(mean, var)`` of shape ``(out_channels,)``, differentiable in ``s`` and ``b``.
+            ``(mean, var)`` of shape ``(out_channels,)`` or ``(H', W', out_channels)``,
+            differentiable in ``s`` and ``b`` (and, for maps, in the weight).
         """
         self.set_input_moments(m, v)
+        if m.dim() == 3:
+            moments, (map_m, map_v) = self._output_moments()
+            mu, sigma = self._normalizer(moments)
+            inv = 1.0 / sigma
+            return affine_moments((map_m - mu) * inv, map_v * inv * inv, self.scale, self.bias,
+                                  self.noise)  # fmt: skip
         if self.noise is None and self.scale is not None and self.bias is not None:
             return self.bias, self.scale * self.scale  # the common case, in one op
         zeros = self.weight.new_zeros(self.out_channels)

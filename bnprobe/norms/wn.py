@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..noise.functional import noise_then_affine
+from .moment_maps import conv2d_map_moments
 from .moments import conv_moments
 
 __all__ = [
@@ -287,6 +288,27 @@ class WNConv2d(_WNBase):
         self.dilation = _pair(dilation)
         self.groups = _check_groups(in_channels, out_channels, groups)
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
+
+    def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output moments given independent inputs with moments ``(m, v)``.
+
+        Args:
+            m: Input channel means ``(C_in,)`` (every tap counts: interior positions), or a
+                position map ``(H, W, C_in)`` (:mod:`bnprobe.norms.moment_maps`; the padded
+                border is exact).
+            v: Input variances, same shape.
+
+        Returns:
+            ``(mean, var)`` per output channel, or maps ``(H', W', C_out)`` (noise at its
+            eval-mode map).
+        """
+        if m.dim() != 3:
+            return super().propagate(m, v)
+        mu, var = conv2d_map_moments(
+            m, v, self.normalized_weight(), None, self.stride, self.padding, self.dilation,
+            self.groups,
+        )  # fmt: skip
+        return affine_moments(mu, var, self.scale, self.bias, self.noise)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the normalized convolution, noise and affine to ``x`` ``(N, C_in, H, W)``."""

@@ -32,6 +32,7 @@ class TrainConfig:
         dataset: Dataset name.
         data_root: Dataset folder (None: the default for the dataset).
         image_size: Resize image-folder images to this size.
+        channels: Convert the images to this many channels (1 <-> 3; None: as stored).
         arch: ``allcnn`` or ``torchvision:<name>``.
         width: All-CNN channel multiplier.
         norm: Normalization after each convolution: none, bn, wn or an.
@@ -79,6 +80,8 @@ class TrainConfig:
         limit_train: Train on a random subset of this many images.
         augment: Random translation and flips during training.
         translate: Maximum translation in pixels.
+        flip: Horizontal flips (None: where the data declares them natural, see
+            :attr:`bnprobe.data.ImageData.flip`).
         eval_train_size: Size of the fixed training subset on which the evaluation-mode
             training loss is logged.
         mc_every: Monte-Carlo validation loss every this many epochs (and after the last;
@@ -91,6 +94,7 @@ class TrainConfig:
     dataset: str = DatasetName.DIGITS.value
     data_root: str | None = None
     image_size: int | None = None
+    channels: int | None = None
     arch: str = "allcnn"
     width: float = 1.0
     norm: str = Norm.BN.value
@@ -122,6 +126,7 @@ class TrainConfig:
     limit_train: int | None = None
     augment: bool = True
     translate: int = 2
+    flip: bool | None = None
     eval_train_size: int = 2000
     mc_every: int = 5
     mc_samples: int = 10

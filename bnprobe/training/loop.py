@@ -122,7 +122,7 @@ def _precise_bn(model: nn.Module, config: TrainConfig, splits: Any, device: torc
         return None
     gen = torch.Generator().manual_seed(config.seed + PRECISE_SEED_OFFSET)
     return recalibrate(model, splits.train, size=config.precise_bn_size, augment=config.augment,
-                       generator=gen, device=device)
+                       generator=gen, device=device, shard=True)
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -192,7 +192,9 @@ def train(
 
     if data is None:
         data = load_dataset(config.dataset, config.data_root, image_size=config.image_size)
-    spec = DataSpec.from_data(data, translate=config.translate if config.augment else 0)
+    data = data.with_channels(config.channels)
+    spec = DataSpec.from_data(data, translate=config.translate if config.augment else 0,
+                              flip=config.flip if config.augment else False)
     subset_gen = torch.Generator().manual_seed(config.seed + 2)
     splits = make_splits(data, spec, device, config.limit_train, subset_gen)
     n_train = len(splits.train)
@@ -237,6 +239,8 @@ def train(
         start_epoch = int(payload["epoch"])
         search = payload.get("lr_search")
         log(f"resuming {run_dir} after epoch {start_epoch}")
+        if world.is_main:  # a run killed between its checkpoint and metrics.csv catches up
+            write_metrics_csv(run_dir / METRICS, history)
     config_record = {"format": "bnprobe.config", "version": 1, "bnprobe_version": __version__,
                      "config": config.to_dict(), "arch": {"name": config.arch, "kwargs": arch_kwargs},
                      "data": spec.to_dict()}

@@ -10,15 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.batches import DeviceImages
-from ..distributed import World
+from ..distributed import RANK_SEED_STRIDE, World
 from ..progress import progress_bar
 
 if TYPE_CHECKING:
     from .setup import TrainOptimizer
-
-
-#: Seed offset between the independent random streams of two processes of one run.
-RANK_SEED_STRIDE = 1000
 
 
 @dataclass

@@ -142,7 +142,8 @@ def test_layer_flags_rules():
     assert layer_flags({**ok, "u_bias_z": -7.3}) == ["U mean off the model by 7.3 SE (below)"]
     assert layer_flags({**ok, "n_eff": 2.1}) == ["n_eff 2.1 < 4"]
     assert layer_flags({**ok, "n_eff": float("nan"), "u_bias_z": None}) == [
-        "non-finite: n_eff, u_bias_z"]
+        "non-finite: n_eff, u_bias_z", "broken: non-finite sigma or n_eff"]
+    assert layer_flags({**ok, "n_eff": 1.5}) == ["n_eff 1.5 < 4", "broken: n_eff 1.5 < 2"]
     assert layer_flags({"n_eff": 50.0, "sigma_v": 0.1, "sigma_u": 0.1}) == []  # old files
 
 

@@ -49,6 +49,25 @@ def test_sync_bn_two_ranks_equal_one_process_at_the_global_batch(tmp_path):
                 torch.testing.assert_close(got["buffers"][name], b, rtol=0, atol=1e-5)
 
 
+def test_precise_bn_split_between_ranks_equals_one_process(tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        import ddp_precise_worker as worker
+    finally:
+        sys.path.remove(str(HERE))
+    from bnprobe.measure import recalibrate
+
+    _torchrun(str(HERE / "ddp_precise_worker.py"), str(tmp_path))
+    model, images = worker.model_and_data()
+    recalibrate(model, images, augment=False, device="cpu")  # one process, all 300 images
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"precise{rank}.pt", weights_only=True)
+        assert got["images"] == 300
+        for name, b in model.state_dict().items():
+            if "running" in name:
+                torch.testing.assert_close(got["buffers"][name], b, rtol=1e-5, atol=1e-6)
+
+
 def _args(out, epochs, *extra):
     return ["-m", "bnprobe", "train", "--dataset", "digits", "--limit-train", "256", "--width", "0.25",
             "--batch-size", "16", "--epochs", str(epochs), "--out", str(out), "--quiet", *extra]
