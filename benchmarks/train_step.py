@@ -5,8 +5,7 @@ Same network (All-CNN of width 0.25 by default, or a torchvision model such as
 32x32 inputs, SGD with Nesterov momentum and bnprobe's real training step (``train_epoch``
 with the projection after every step and, for learned noise, the KL term). Configurations: bn
 (the reference), wn, wn + fixed noise (per-channel sigmas), an, an + learned noise (per
-channel). Timings are interleaved so that all configurations share the machine's noise. AN of
-a torchvision model needs ``bnprobe.norms.an_graph``; without it the AN rows are skipped.
+channel). Timings are interleaved so that all configurations share the machine's noise.
 
 Targets on CPU: wn <= 1.15, wn+fixed <= 1.2, an <= 1.3, an+learned <= 1.4.
 
@@ -21,12 +20,10 @@ import argparse
 import torch
 from _common import interleaved_times, random_images, sync
 
-from bnprobe.errors import BnprobeError
 from bnprobe.models import build_model
 from bnprobe.models.registry import noise_layers
 from bnprobe.noise.network import set_noise_generator
 from bnprobe.norms.an import InputMoments, dataset_channel_moments
-from bnprobe.norms.an_network import graph_propagation
 from bnprobe.options import resolve_device
 from bnprobe.training import TrainConfig
 from bnprobe.training.setup import make_optimizer, step_hooks
@@ -40,16 +37,6 @@ def _noise(arch: str, width: float) -> dict:
     noise = {"sigma_v": [[0.1 + 0.001 * j for j in range(c)] for c in channels],
              "sigma_u": [[0.05 + 0.001 * j for j in range(c)] for c in channels], "scale": 1.0}
     return noise if names is None else {**noise, "names": names}
-
-
-def _has_an(arch: str) -> bool:
-    if arch == "allcnn":
-        return True
-    try:
-        graph_propagation()
-    except BnprobeError:
-        return False
-    return True
 
 
 def main() -> None:
@@ -76,9 +63,6 @@ def main() -> None:
         "an": ("an", {}),
         "an+learned": ("an", {"learn_noise": "channel"}),
     }
-    has_an = _has_an(args.arch)
-    if not has_an:
-        configs = {k: v for k, v in configs.items() if v[0] != "an"}
     # WN of deep torchvision nets diverges at All-CNN's rate; the rate does not change the step time
     lr = 0.01 if args.arch == "allcnn" else 0.001
 
@@ -106,8 +90,6 @@ def main() -> None:
     net = f"All-CNN width {args.width}" if args.arch == "allcnn" else args.arch
     print(f"device {device}, threads {torch.get_num_threads()}, {net}, "
           f"batch {bs}, {args.steps} steps x {args.repeats} repeats (median)")
-    if not has_an:
-        print("  (an, an+learned skipped: bnprobe.norms.an_graph is not installed)")
     base = times["bn"]
     print(f"  {'bn':12s} {1000 * base / args.steps:8.1f} ms/step  ratio 1.000")
     for name, t in times.items():

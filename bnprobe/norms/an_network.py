@@ -11,32 +11,14 @@ graph (traced once, cached, sharing ``net``'s modules) serves the moment propaga
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import Tensor, fx, nn
 
-from ..errors import BnprobeError
 from .an import InputMoments
-from .tracing import trace
+from .an_graph import propagate_graph, trace
 
-__all__ = ["ANNetwork", "graph_propagation"]
-
-
-def graph_propagation() -> Callable[..., Any]:
-    """Return :func:`bnprobe.norms.an_graph.propagate_graph`.
-
-    Raises:
-        BnprobeError: When this installation has no ``bnprobe.norms.an_graph``.
-    """
-    try:
-        module = importlib.import_module("bnprobe.norms.an_graph")
-    except ModuleNotFoundError as exc:
-        if exc.name != "bnprobe.norms.an_graph":
-            raise
-        raise BnprobeError("--norm an for converted networks needs bnprobe.norms.an_graph "
-                           "(moment propagation through a graph), which this installation lacks") from None
-    return module.propagate_graph
+__all__ = ["ANNetwork"]
 
 
 class ANNetwork(nn.Module):
@@ -59,7 +41,7 @@ class ANNetwork(nn.Module):
         self.__dict__["_graph"] = None
 
     def graph(self) -> fx.GraphModule:
-        """``net`` traced with bnprobe's layers as leaves (cached; its modules are ``net``'s)."""
+        """``net`` traced by :func:`bnprobe.norms.an_graph.trace` (cached; its modules are ``net``'s)."""
         if self.__dict__.get("_graph") is None:
             self.__dict__["_graph"] = trace(self.net)
         return self.__dict__["_graph"]
@@ -71,7 +53,7 @@ class ANNetwork(nn.Module):
             input_size: Spatial size ``(H, W)`` of the input.
         """
         m, v = self.input_moments()
-        graph_propagation()(self.graph(), m, v, input_size)
+        propagate_graph(self.graph(), m, v, input_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Propagate the input moments, then run ``net`` on ``x``."""

@@ -56,7 +56,7 @@ from ..noise.modules import LearnedNoise
 from ..noise.network import build_noise_modules, check_noise_layers
 from ..options import LearnNoise, Norm
 from .an import ANConv2d
-from .an_network import ANNetwork, graph_propagation
+from .an_network import ANNetwork
 from .block import ConvNorm
 from .bn import NoisyBatchNorm2d
 from .standalone import ANNorm, FixedNorm
@@ -155,8 +155,6 @@ def convert_bn_network(
         raise BnprobeError("noise is injected after a normalization: use --norm bn, wn or an, not none")
     if from_population and kind not in (Norm.WN, Norm.NONE):
         raise BnprobeError(f"from_population folds BN statistics into wn or none, not {kind.value}")
-    if kind is Norm.AN:
-        graph_propagation()  # fail early when AN propagation through graphs is unavailable
     sites = bn_sites(model, where)
     first = next((s for s in sites if not s.paired), None)
     if unpaired == "error" and first is not None:

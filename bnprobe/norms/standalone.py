@@ -9,8 +9,12 @@ it by one of these batch-independent layers, both written like every normalized 
   buffers: the BN's population statistics, or the batch statistics of the data-dependent init
   (:func:`bnprobe.norms.init.data_dependent_init_`) -- BN in evaluation mode.
 * :class:`ANNorm` (``an``): ``x_hat = (x - m) / sqrt(v + eps)`` with ``(m, v)`` the input's
-  analytic moments, stored by :meth:`ANNorm.propagate` before each forward, like
+  analytic channel moments (for a moment map: the mixture over its positions, what BN would
+  measure), stored by :meth:`ANNorm.propagate` before each forward, like
   :class:`~bnprobe.norms.an.ANConv2d`; gradients reach upstream parameters through them.
+
+Both ``propagate`` methods take channel vectors ``(C,)`` or moment maps ``(H, W, C)`` (see
+:mod:`bnprobe.norms.moment_maps`) and return the same kind.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..noise.functional import bcast, noise_then_affine
+from .moment_maps import channel_moments
 from .wn import affine_moments
 
 __all__ = ["ANNorm", "FixedNorm"]
@@ -39,10 +44,10 @@ class _ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.register_module("noise", noise)
 
-    def _check(self, name: str, t: Tensor) -> None:
-        if tuple(t.shape) != (self.channels,):
-            raise ValueError(f"{type(self).__name__}: {name} must have shape ({self.channels},), "
-                             f"got {tuple(t.shape)}")
+    def _check(self, name: str, t: Tensor, maps: bool = False) -> None:
+        if t.dim() not in ((1, 3) if maps else (1,)) or t.shape[-1] != self.channels:
+            shapes = f"({self.channels},)" + (f" or (H, W, {self.channels})" if maps else "")
+            raise ValueError(f"{type(self).__name__}: {name} must have shape {shapes}, got {tuple(t.shape)}")
 
     def _output_moments(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return affine_moments(m, v, self.scale, self.bias, self.noise)
@@ -101,7 +106,10 @@ class FixedNorm(_ChannelNorm):
         return noise_then_affine(x_hat, self.scale, self.bias, self.noise)
 
     def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Output channel moments for input moments ``(m, v)`` (noise at its eval-mode map)."""
+        """Output moments for input moments ``(m, v)``, ``(C,)`` or maps ``(H, W, C)``.
+
+        The noise module contributes its eval-mode map.
+        """
         inv = (self.var + self.eps).rsqrt()
         return self._output_moments((m - self.mean) * inv, v * inv * inv)
 
@@ -134,19 +142,27 @@ class ANNorm(_ChannelNorm):
         self._v_in: Optional[Tensor] = None
 
     def propagate(self, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the input moments; return the output's: ``x_hat`` has moments ``(0, 1)``.
+        """Store the input's channel moments; return the output's.
+
+        For channel vectors ``x_hat`` has moments ``(0, 1)``; for a moment map it has the map
+        ``((m_p - mu) / sigma, v_p / sigma^2)`` with ``(mu, sigma^2 - eps)`` the mixture over
+        positions. Either goes through the noise's eval-mode map and the affine.
 
         Args:
-            m: Input channel means ``(C,)``.
-            v: Input channel variances ``(C,)``.
+            m: Input means ``(C,)`` or ``(H, W, C)``.
+            v: Input variances, same shape.
 
         Returns:
-            ``(mean, var)`` ``(C,)`` through the noise's eval-mode map and the affine.
+            ``(mean, var)`` of the same shape.
         """
-        self._check("m", m)
-        self._check("v", v)
-        self._m_in, self._v_in = m, v
-        zeros = m.new_zeros(self.channels) if self.scale is None else self.scale.new_zeros(self.channels)
+        self._check("m", m, maps=True)
+        self._check("v", v, maps=True)
+        mu, var = channel_moments(m, v)
+        self._m_in, self._v_in = mu, var
+        if m.dim() == 3:
+            inv = (var + self.eps).rsqrt()
+            return self._output_moments((m - mu) * inv, v * inv * inv)
+        zeros = mu.new_zeros(self.channels) if self.scale is None else self.scale.new_zeros(self.channels)
         return self._output_moments(zeros, zeros + 1.0)
 
     def forward(self, x: Tensor) -> Tensor:

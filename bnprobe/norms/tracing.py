@@ -1,6 +1,6 @@
 """A network's BN layers read from its torch.fx graph: which conv each one normalizes.
 
-:func:`bn_sites` traces a network with :func:`trace` (bnprobe's normalized layers and noise
+:func:`bn_sites` traces a network with ``torch.fx`` (bnprobe's normalized layers and noise
 modules are leaves, like ``torch.nn`` modules) and returns every BatchNorm layer in graph
 (execution) order, with the conv/linear it can be folded into: a BN is *paired* when its
 input is the output of a plain ``nn.Conv2d`` (zero padding) or ``nn.Linear`` module that is
@@ -27,7 +27,7 @@ from ..noise.modules import NoiseModule
 from .standalone import _ChannelNorm
 from .wn import _WNBase
 
-__all__ = ["BNSite", "bn_sites", "normalized_channels", "normalized_layers", "trace"]
+__all__ = ["BNSite", "bn_sites", "normalized_channels", "normalized_layers"]
 
 #: bnprobe modules that tracing keeps as single ``call_module`` nodes.
 LEAF_TYPES = (_WNBase, _ChannelNorm, NoiseModule)
@@ -43,26 +43,6 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule whose leaf modules are the model's own objects.
-
-    ``torch.nn`` modules (but not containers) and bnprobe's normalized layers and noise
-    modules are leaves (one ``call_module`` node each); everything else is traced through.
-
-    Args:
-        model: The network.
-
-    Returns:
-        The GraphModule; its submodules are shared with ``model``.
-
-    Raises:
-        Exception: Whatever ``torch.fx`` raises for an untraceable forward.
-    """
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 @dataclass

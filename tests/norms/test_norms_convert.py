@@ -30,14 +30,6 @@ from bnprobe.norms.projection import scale_invariant_weights
 
 MODELS = ["resnet18", "resnet34", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small",
           "regnet_x_400mf", "densenet121", "efficientnet_b0"]
-try:  # AN of converted networks needs graph propagation (bnprobe.norms.an_graph)
-    import bnprobe.norms.an_graph  # noqa: F401
-
-    HAS_AN_GRAPH = True
-except ModuleNotFoundError as exc:
-    if exc.name != "bnprobe.norms.an_graph":
-        raise
-    HAS_AN_GRAPH = False
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +62,9 @@ def _variants():
     yield "wn", None, "off"
     yield "wn", "fixed", "off"
     yield "wn", None, "channel"
-    if HAS_AN_GRAPH:
-        yield "an", None, "off"
-        yield "an", "fixed", "layer"
-        yield "an", None, "channel"
+    yield "an", None, "off"
+    yield "an", "fixed", "layer"
+    yield "an", None, "channel"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -344,7 +335,6 @@ def test_state_dict_round_trip_and_device_dtype():
 
 
 def test_an_network():
-    pytest.importorskip("bnprobe.norms.an_graph")
     bn = _bn_net("resnet18", num_classes=4)
     net = convert_bn_network(bn, "an", learn_noise="channel")
     assert isinstance(net.net.conv1, ANConv2d)
@@ -364,8 +354,24 @@ def test_an_network():
         assert dense.eval()(x).shape == (3, 10)
 
 
-def test_an_without_graph_propagation_is_refused_clearly():
-    if HAS_AN_GRAPH:
-        pytest.skip("bnprobe.norms.an_graph is present")
-    with pytest.raises(BnprobeError, match="needs bnprobe.norms.an_graph"):
-        build_model("torchvision:resnet18", {"num_classes": 3, "norm": "an"})
+def test_standalone_norms_take_moment_maps():
+    from bnprobe.norms.moment_maps import channel_moments
+
+    g = torch.Generator().manual_seed(7)
+    m, v = torch.randn(2, 3, 4, generator=g), torch.rand(2, 3, 4, generator=g) + 0.1
+    an = ANNorm(4)
+    with torch.no_grad():
+        an.scale.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+    out_m, out_v = an.propagate(m, v)
+    assert out_m.shape == out_v.shape == (2, 3, 4)
+    mu, var = channel_moments(m, v)
+    torch.testing.assert_close(an._m_in, mu)
+    expected_var = an.scale.detach() ** 2 * var / (var + an.eps)
+    torch.testing.assert_close(channel_moments(out_m, out_v)[1], expected_var)
+    x = torch.randn(5, 4, 3, 3, generator=g)
+    torch.testing.assert_close(an(x), (x - mu[:, None, None]) / (var[:, None, None] + an.eps).sqrt()
+                               * an.scale[:, None, None], atol=1e-6, rtol=1e-6)
+    fixed = FixedNorm(4)
+    assert fixed.propagate(m, v)[0].shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="ANNorm: m must have shape"):
+        an.propagate(torch.zeros(3), torch.ones(3))

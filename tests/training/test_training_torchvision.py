@@ -90,8 +90,6 @@ def _cases():
 
 @pytest.mark.parametrize("name,norm,noise", list(_cases()))
 def test_train_converted(name, norm, noise, tmp_path, data32):
-    if norm == "an":
-        pytest.importorskip("bnprobe.norms.an_graph")
     kw = dict(NOISE[noise])
     if kw.get("noise") == "FITTED":
         kw["noise"] = _fitted(tmp_path / "fitted.json", name)
