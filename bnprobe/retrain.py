@@ -19,7 +19,7 @@ __all__ = ["RETRAIN_NORM", "retrain", "retrain_config"]
 #: The normalization of a retrained network unless ``norm`` is given.
 RETRAIN_NORM = Norm.WN.value
 # TrainConfig fields that default to the noise file's source when not given
-_SOURCE_FIELDS = ("arch", "width", "dataset", "data_root")
+_SOURCE_FIELDS = ("arch", "width", "dataset", "data_root", "channels", "image_size")
 
 
 def _source_defaults(noise: str | Path | None) -> dict[str, Any]:
@@ -29,6 +29,10 @@ def _source_defaults(noise: str | Path | None) -> dict[str, Any]:
     kwargs = source.get("arch_kwargs") if isinstance(source.get("arch_kwargs"), dict) else {}
     found = {"arch": source.get("arch"), "width": kwargs.get("width"),
              "dataset": source.get("dataset"), "data_root": source.get("data_root")}
+    shape = source.get("input_shape")
+    if isinstance(shape, list) and len(shape) == 3:  # the images as the BN run saw them
+        found["channels"] = int(shape[0])
+    found["image_size"] = source.get("image_size")
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -58,7 +62,8 @@ def retrain_config(noise: str | Path | None = None, **options: Any) -> TrainConf
                            "(use 'bnprobe train' for a network without noise)")
     source = _source_defaults(noise)
     if "dataset" in options and options["dataset"] != source.get("dataset"):
-        source.pop("data_root", None)
+        for key in ("data_root", "channels", "image_size"):
+            source.pop(key, None)
     merged = {**source, **options}
     merged.setdefault("norm", RETRAIN_NORM)
     try:

@@ -59,3 +59,13 @@ def test_learned_noise_without_a_file_and_errors(tmp_path, tiny_data):
     result = retrain(tmp_path / "run", _fitted(tmp_path / "s.json", {"dataset": "synthetic"}), data=tiny_data,
                      width=0.25, epochs=1, limit_train=32, batch_size=16, device="cpu", lr=0.005, mc_every=0)
     assert result.config.norm == "wn" and len(result.history) == 1
+
+
+def test_channels_and_image_size_follow_the_bn_run(tmp_path):
+    source = {**SOURCE, "dataset": "imagefolder", "input_shape": [3, 28, 28], "image_size": 28}
+    path = _fitted(tmp_path / "f.json", source)
+    config = retrain_config(path)
+    assert (config.channels, config.image_size) == (3, 28)  # a grayscale folder fed to RGB nets
+    assert retrain_config(path, channels=1).channels == 1
+    other = retrain_config(path, dataset="digits")
+    assert (other.channels, other.image_size) == (None, None)

@@ -98,7 +98,8 @@ def measure_checkpoint(
     source: dict[str, Any] = {
         "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
         "arch_kwargs": ckpt.arch_kwargs, "dataset": name, "data_root": root,
-        "dataset_fingerprint": data.fingerprint, "seed": seed,
+        "dataset_fingerprint": data.fingerprint, "input_shape": list(data.input_shape),
+        "image_size": (ckpt.config or {}).get("image_size"), "seed": seed,
     }
     m = measure(ckpt.model, splits.train, batch_sizes, samples=samples, mode=mode, reference=reference,
                 spatial_fractions=spatial_fractions, layers=layers, generator=gen, device=dev,
