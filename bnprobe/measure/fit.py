@@ -36,7 +36,7 @@ N_EFF_MIN = 4.0
 #: A layer is broken (no noise file without --force) beyond these: the Gaussian V/U model
 #: cannot describe it (n_eff near 1, U's std near its mean, E[U] far from the model's).
 BROKEN_N_EFF = 2.0
-BROKEN_SIGMA_U = 0.5
+BROKEN_SIGMA_U = 0.8
 BROKEN_EU_RATIO = 1.5
 BROKEN_V_BIAS_FRAC = 0.5
 BROKEN = "broken: "
@@ -89,7 +89,7 @@ def broken_reasons(entry: dict[str, Any]) -> list[str]:
         entry: A layer dict with n_eff, sigma_u and optionally mean_u, eu_model.
 
     Returns:
-        Reasons: non-finite sigmas or n_eff, ``n_eff < 2``, ``sigma_U >= 0.5`` (the batch
+        Reasons: non-finite sigmas or n_eff, ``n_eff < 2``, ``sigma_U >= 0.8`` (the batch
         variance does not estimate the population's), ``E[U]`` more than 1.5 times off the
         model's (or off 1 when the model's is undefined), V's mean off zero (> 4 SE) in more
         than half of the channels (the reference is not this data's mean).
