@@ -34,7 +34,7 @@ def main() -> None:
     test, train = random_images(args.n, device, g), random_images(1000, device, g)
     model = build_model("allcnn", {"width": args.width, "norm": "bn"}, seed=0).to(device).eval()
 
-    batches = _input_batches(test, 500)  # prepared once, outside the timer: a strict floor
+    batches = _input_batches(test, 500, slice(0, len(test)))  # prepared once, outside the timer
 
     def floor():
         for _ in range(args.samples):
