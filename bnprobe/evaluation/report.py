@@ -47,7 +47,8 @@ def write_report(runs: Sequence[str | Path], out: str | Path, force: bool = Fals
     table.insert(1, "run", [str(r) for r in runs])
     md = markdown_table(table)
     if table.isna().any().any():
-        md += "\n— : no such prediction (a deterministic network: Monte Carlo = the single pass).\n"
+        md += ("\n— : no such prediction (a deterministic network: Monte Carlo = the single pass), "
+               "or a value that is not finite (the network's outputs overflowed).\n")
     atomic_write_text(out, "# bnprobe report\n\n" + md)
     atomic_write(csv_path, lambda p: table.to_csv(p, index=False))
     return md
