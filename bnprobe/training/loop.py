@@ -249,9 +249,10 @@ def train(
     if world.is_main:
         atomic_write_json(run_dir / CONFIG, config_record)
     if world.distributed:
+        bn = "" if config.norm != "bn" else "; BN statistics over " + (
+            "the global batch (--sync-bn)" if config.sync_bn else f"each process's {config.batch_size}")
         log(f"{world.size} processes x batch {config.batch_size} = global batch "
-            f"{world.size * config.batch_size}; BN statistics over "
-            + ("the global batch (--sync-bn)" if config.sync_bn else f"each process's {config.batch_size}"))
+            f"{world.size * config.batch_size}{bn}")
     net = _ddp(model, device) if world.distributed else model
 
     after_step, regularizer = step_hooks(model, config, n_train)
