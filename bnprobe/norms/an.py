@@ -37,6 +37,18 @@ _IntPair = Union[int, tuple[int, int]]
 _Size = Optional[tuple[int, int]]
 
 
+def state_with_detached_moments(module: nn.Module) -> dict[str, Any]:
+    """``module.__dict__`` with its stored input moments (``_m_in``, ``_v_in``) detached.
+
+    They may be non-leaf tensors, which deepcopy and pickle refuse.
+    """
+    state = module.__dict__.copy()
+    for key in ("_m_in", "_v_in"):
+        if state.get(key) is not None:
+            state[key] = state[key].detach()
+    return state
+
+
 class ANConv2d(_WNBase):
     """Analytically normalized conv: ``(conv(x, w) - mu(w)) / sigma(w) [-> noise] * s + b``.
 
@@ -184,12 +196,7 @@ class ANConv2d(_WNBase):
         )  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        # Stored moments may be non-leaf tensors, which deepcopy/pickle refuse: detach them.
-        state = self.__dict__.copy()
-        for key in ("_m_in", "_v_in"):
-            if state.get(key) is not None:
-                state[key] = state[key].detach()
-        return state
+        return state_with_detached_moments(self)
 
     def extra_repr(self) -> str:
         """Return the constructor arguments shown by ``repr``."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..noise.functional import bcast, noise_then_affine
+from .an import state_with_detached_moments
 from .moment_maps import channel_moments
 from .wn import affine_moments
 
@@ -179,9 +180,4 @@ class ANNorm(_ChannelNorm):
         return noise_then_affine(x_hat, self.scale, self.bias, self.noise)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Stored moments may be non-leaf tensors, which deepcopy/pickle refuse: detach them.
-        state = self.__dict__.copy()
-        for key in ("_m_in", "_v_in"):
-            if state.get(key) is not None:
-                state[key] = state[key].detach()
-        return state
+        return state_with_detached_moments(self)
