@@ -70,7 +70,8 @@ def _train_stage(run_dir: Path, config: Any, data: Any, progress: bool, log: Cal
 
 
 def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto", seed: int = 0,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> QuickstartResult:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   epochs: int | None = None) -> QuickstartResult:
     """Run the whole pipeline on digits.
 
     Args:
@@ -79,6 +80,8 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
         seed: Seed of every stage.
         progress: Show progress bars.
         log: Called with progress lines.
+        epochs: Training epochs of each run (default 20, the learning rate falling tenfold
+            every 10); fewer for a quick look at the pipeline, not at its numbers.
 
     Returns:
         The files written, headline metrics and the report table.
@@ -99,6 +102,9 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
     from .training import TrainConfig
 
     log = log or (lambda _m: None)
+    if epochs is not None and epochs < 1:
+        raise BnprobeError(f"epochs must be at least 1, got {epochs}")
+    common = {**COMMON, **({} if epochs is None else {"epochs": epochs})}
     out = Path(out)
     _prepare_out(out)
     result = QuickstartResult(out)
@@ -106,7 +112,7 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
     runs = {name: out / name for name in RUNS}
     fig = out / "figures"
 
-    bn = TrainConfig(seed=seed, device=device, **COMMON, **RUNS["bn"])
+    bn = TrainConfig(seed=seed, device=device, **common, **RUNS["bn"])
     _train_stage(runs["bn"], bn, data, progress, log)
     meas = out / MEASUREMENTS_DIR
     if not (meas / FITTED).exists():
@@ -120,9 +126,9 @@ def run_quickstart(out: str | Path = "bnprobe-quickstart", device: str = "auto",
     plot_spatial_scaling(meas, out=fig / "spatial_scaling.png")
     plot_noise(fitted, out=fig / "noise.png")
 
-    wn = retrain_config(fitted, seed=seed, device=device, **COMMON, **RUNS["wn_fitted_noise"])
+    wn = retrain_config(fitted, seed=seed, device=device, **common, **RUNS["wn_fitted_noise"])
     _train_stage(runs["wn_fitted_noise"], wn, data, progress, log)
-    an = retrain_config(None, seed=seed, device=device, **COMMON, **RUNS["an_learned_noise"])
+    an = retrain_config(None, seed=seed, device=device, **common, **RUNS["an_learned_noise"])
     _train_stage(runs["an_learned_noise"], an, data, progress, log)
 
     for name, run in runs.items():

@@ -67,7 +67,9 @@ def _variants():
     yield "an", None, "channel"
 
 
-@pytest.mark.parametrize("name", MODELS)
+# vgg11_bn (129M parameters, 16 s) only in the slow run: its plain conv-BN pairs are covered by the others
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m == "vgg11_bn" else m
+                                  for m in MODELS])
 def test_shape_and_parameter_count(name):
     bn = _bn_net(name)
     sites = bn_sites(bn)

@@ -53,7 +53,6 @@ def uninterrupted(tmp_path_factory):
     return out, result, time.perf_counter() - t0
 
 
-@pytest.mark.slow
 def test_smoke_study_end_to_end(uninterrupted):
     out, result, seconds = uninterrupted
     print(f"digits-smoke with --jobs 2: {seconds:.0f} s")
@@ -93,7 +92,6 @@ def test_smoke_study_end_to_end(uninterrupted):
     assert refused.exit_code == 2 and "pass --resume" in refused.output
 
 
-@pytest.mark.slow
 def test_interrupted_study_resumes_to_the_same_report(uninterrupted, tmp_path):
     reference, _, _ = uninterrupted
     out = tmp_path / "study"
@@ -138,7 +136,6 @@ def _assert_same_results(out, reference):
     assert (out / "report.md").read_text() == (reference / "report.md").read_text()
 
 
-@pytest.mark.slow  # needs the smoke study's runs
 def test_noise_mc_evaluation_is_reproducible(uninterrupted, tmp_path):
     run = uninterrupted[0] / "runs" / "wn-noise-x2-s0"
     docs = []
