@@ -78,6 +78,7 @@ from .an_rules import (
     UnsupportedNodeError,
     _propagate_method,
     _Unsupported,
+    function_rule,
     module_rule,
     register_function_rule,
     register_method_rule,
@@ -166,7 +167,7 @@ def _apply(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             return _propagate_method(module, x)
         rule, target = module_rule(module), module
     elif node.op == "call_function":
-        rule, target = FUNCTION_RULES.get(node.target), node.target
+        rule, target = function_rule(node.target), node.target
     elif node.op == "call_method":
         rule, target = METHOD_RULES.get(node.target), node.target
     else:  # get_attr: a constant tensor

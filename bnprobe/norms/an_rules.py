@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torchvision.ops import StochasticDepth, stochastic_depth
 
 from ..errors import BnprobeError
 from .bn import NoisyBatchNorm2d
@@ -54,6 +54,7 @@ __all__ = [
     "Rule",
     "RuleCall",
     "UnsupportedNodeError",
+    "function_rule",
     "module_rule",
     "register_function_rule",
     "register_method_rule",
@@ -194,8 +195,28 @@ def register_method_rule(*names: str) -> Callable[[Rule], Rule]:
     return deco
 
 
+_optional_rules_registered = False
+
+
+def _register_optional_rules() -> None:
+    """Register torchvision's stochastic depth (module and function) once torchvision is loaded.
+
+    A network that uses them has imported torchvision; importing it here would add about 2 s
+    of CPU to the start of every bnprobe command.
+    """
+    global _optional_rules_registered
+    if _optional_rules_registered or "torchvision" not in sys.modules:
+        return
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    MODULE_RULES.setdefault(StochasticDepth, _activation_module)
+    FUNCTION_RULES.setdefault(stochastic_depth, _activation_function)
+    _optional_rules_registered = True
+
+
 def module_rule(module: nn.Module) -> Optional[Rule]:
     """The registered rule for ``module`` (by type; None if there is none)."""
+    _register_optional_rules()
     kind = type(module)
     for base in kind.__mro__:
         rule = MODULE_RULES.get(base)
@@ -307,8 +328,7 @@ def _module_activation(module: nn.Module) -> _Activation:
     nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.SiLU,
     nn.GELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    StochasticDepth,
-)  # fmt: skip
+)  # fmt: skip  (torchvision's StochasticDepth: _register_optional_rules)
 def _activation_module(call: RuleCall) -> NodeMoments:
     return _elementwise(call.moments(0), _module_activation(call.target))
 
@@ -346,8 +366,8 @@ def _function_activation(call: RuleCall) -> _Activation:
 @register_function_rule(
     F.relu, torch.relu, F.leaky_relu, F.relu6, F.hardtanh, F.hardsigmoid, F.hardswish, F.silu,
     F.gelu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, stochastic_depth,
-)  # fmt: skip
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+)  # fmt: skip  (torchvision's stochastic_depth: _register_optional_rules)
 @register_method_rule("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone")
 def _activation_function(call: RuleCall) -> NodeMoments:
     return _elementwise(call.moments(0), _function_activation(call))
@@ -651,8 +671,15 @@ def _opaque(call: RuleCall) -> _Opaque:
     return _Opaque()
 
 
+def function_rule(function: Any) -> Optional[Rule]:
+    """The registered rule for a ``call_function`` target (None if there is none)."""
+    _register_optional_rules()
+    return FUNCTION_RULES.get(function)
+
+
 def supported() -> str:
     """One line listing the supported module types, functions and methods."""
+    _register_optional_rules()
     modules = sorted({t.__name__ for t in MODULE_RULES})
     functions = sorted({getattr(f, "__name__", repr(f)) for f in FUNCTION_RULES})
     return (

@@ -69,3 +69,19 @@ def test_malformed_list_names_the_bad_element():
     result = CliRunner().invoke(cli, ["measure", "x.pt", "--batch-sizes", "8,abc"])
     assert result.exit_code == 2
     assert "'abc' is not an integer" in result.output and "must be a int" not in result.output
+
+
+def test_commands_do_not_import_torchvision_until_a_model_needs_it():
+    """torchvision costs about 2 s of CPU per process (every study step); All-CNN never needs it.
+    A network with torchvision's StochasticDepth still gets its moment rule once it is loaded."""
+    code = (
+        "import sys\n"
+        "import bnprobe.cli.evaluate, bnprobe.evaluation.run, bnprobe.training, bnprobe.measure.pipeline\n"
+        "from bnprobe.models import build_model\n"
+        "build_model('allcnn', {'num_classes': 10, 'width': 0.25, 'norm': 'an'})\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "from torchvision.ops import StochasticDepth\n"
+        "from bnprobe.norms.an_rules import module_rule, supported\n"
+        "assert module_rule(StochasticDepth(0.1, 'row')) is not None and 'StochasticDepth' in supported()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
