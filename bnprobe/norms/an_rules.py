@@ -162,37 +162,28 @@ METHOD_RULES: dict[str, Rule] = {}
 """Rules of ``call_method`` nodes (tensor methods) by name."""
 
 
-def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
-    """Decorator registering a rule for ``call_module`` nodes of the given module types."""
-
+def _registrar(table: dict[Any, Rule], keys: Sequence[Any]) -> Callable[[Rule], Rule]:
     def deco(rule: Rule) -> Rule:
-        for t in types:
-            MODULE_RULES[t] = rule
+        for key in keys:
+            table[key] = rule
         return rule
 
     return deco
+
+
+def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for ``call_module`` nodes of the given module types."""
+    return _registrar(MODULE_RULES, types)
 
 
 def register_function_rule(*functions: Any) -> Callable[[Rule], Rule]:
     """Decorator registering a rule for ``call_function`` nodes of the given functions."""
-
-    def deco(rule: Rule) -> Rule:
-        for f in functions:
-            FUNCTION_RULES[f] = rule
-        return rule
-
-    return deco
+    return _registrar(FUNCTION_RULES, functions)
 
 
 def register_method_rule(*names: str) -> Callable[[Rule], Rule]:
     """Decorator registering a rule for ``call_method`` nodes of the given tensor methods."""
-
-    def deco(rule: Rule) -> Rule:
-        for n in names:
-            METHOD_RULES[n] = rule
-        return rule
-
-    return deco
+    return _registrar(METHOD_RULES, names)
 
 
 _optional_rules_registered = False
