@@ -46,6 +46,7 @@ def state_with_detached_moments(module: nn.Module) -> dict[str, Any]:
     for key in ("_m_in", "_v_in"):
         if state.get(key) is not None:
             state[key] = state[key].detach()
+    state["_normalizer_cache"] = None
     return state
 
 
@@ -98,6 +99,8 @@ class ANConv2d(_WNBase):
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
         self._m_in: Optional[Tensor] = None
         self._v_in: Optional[Tensor] = None
+        # (mu, sigma) of the last propagate, valid while weight and grad mode are unchanged
+        self._normalizer_cache: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
         self.last_mu: Optional[Tensor] = None
         self.last_sigma: Optional[Tensor] = None
 
@@ -124,6 +127,11 @@ class ANConv2d(_WNBase):
                     f"or (H, W, {self.in_channels}) like m, got {tuple(t.shape)}"
                 )
         self._m_in, self._v_in = m, v
+        self._normalizer_cache = None
+
+    def _cache_key(self) -> tuple:
+        w = self.weight
+        return id(w), w._version, w.data_ptr(), torch.is_grad_enabled()
 
     def normalizer_moments(self) -> tuple[Tensor, Tensor]:
         """Compute ``(mu(w), sigma(w))`` from the stored input moments and the current weight.
@@ -139,6 +147,9 @@ class ANConv2d(_WNBase):
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
+        cache, self._normalizer_cache = self._normalizer_cache, None
+        if cache is not None and cache[0] == self._cache_key():
+            return cache[1]  # propagate's, used once: the forward skips a second moment pass
         return self._normalizer(self._output_moments()[0])
 
     def _output_moments(self) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
@@ -178,6 +189,7 @@ class ANConv2d(_WNBase):
         if m.dim() == 3:
             moments, (map_m, map_v) = self._output_moments()
             mu, sigma = self._normalizer(moments)
+            self._normalizer_cache = (self._cache_key(), (mu, sigma))
             inv = 1.0 / sigma
             return affine_moments((map_m - mu) * inv, map_v * inv * inv, self.scale, self.bias,
                                   self.noise)  # fmt: skip

@@ -220,3 +220,46 @@ def test_input_moments_buffers_round_trip():
     other = InputMoments(3)
     other.load_state_dict(store.state_dict())
     torch.testing.assert_close(other()[1], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_forward_reuses_the_moments_of_propagate_once(monkeypatch):
+    # propagate computes (mu, sigma) from the maps; the next forward must reuse them (one moment
+    # pass per step) with the same values and gradients, and recompute after a weight change
+    import bnprobe.norms.an as an_module
+
+    g = torch.Generator().manual_seed(3)
+    layer = _an(3, 4, g=g, padding=1)
+    m = torch.randn(5, 5, 3, generator=g, dtype=DT)
+    v = torch.rand(5, 5, 3, generator=g, dtype=DT) + 0.5
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=DT)
+    calls = []
+    real = an_module.conv2d_map_moments
+    monkeypatch.setattr(an_module, "conv2d_map_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def step(reuse: bool):
+        layer.zero_grad()
+        out_m, out_v = layer.propagate(m, v)
+        if not reuse:
+            layer._normalizer_cache = None
+        loss = layer(x).square().mean() + out_m.sum() + out_v.sum()
+        loss.backward()
+        return loss.detach(), layer.weight.grad.clone()
+
+    calls.clear()
+    loss_reused, grad_reused = step(reuse=True)
+    assert len(calls) == 1
+    calls.clear()
+    loss_fresh, grad_fresh = step(reuse=False)
+    assert len(calls) == 2
+    torch.testing.assert_close(loss_reused, loss_fresh)
+    torch.testing.assert_close(grad_reused, grad_fresh)
+    # a second forward, or one after the weight changed, computes afresh
+    layer.propagate(m, v)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.5, 2.0, 4, dtype=DT).reshape(-1, 1, 1, 1))
+        layer.weight.add_(0.1)
+    calls.clear()
+    after_change = layer(x)
+    assert len(calls) == 1
+    layer._normalizer_cache = None
+    torch.testing.assert_close(after_change, layer(x))
