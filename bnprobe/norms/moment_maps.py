@@ -121,13 +121,74 @@ def conv2d_map_moments(
         ``(mean, var)`` maps ``(H', W', C_out)``, in the weight's dtype.
     """
     x_m, x_v = _nchw(m, weight), _nchw(v, weight)
-    if padding_mode != "zeros":
-        pads = _explicit_pads(padding, weight.shape[2:], _pair(dilation))
-        x_m, x_v = F.pad(x_m, pads, mode=padding_mode), F.pad(x_v, pads, mode=padding_mode)
+    dilation = _pair(dilation)
+    if padding_mode != "zeros" or isinstance(padding, str):
+        pads = _explicit_pads(padding, weight.shape[2:], dilation)
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x_m, x_v = F.pad(x_m, pads, mode=mode), F.pad(x_v, pads, mode=mode)
         padding = 0
-    mean = F.conv2d(x_m, weight, bias, stride, padding, dilation, groups)
-    var = F.conv2d(x_v, weight * weight, None, stride, padding, dilation, groups)
-    return _hwc(mean), _hwc(var)
+    geometry = (tuple(weight.shape[2:]), dilation, _pair(padding), _pair(stride), int(groups))
+    mean, var = _MapConv2d.apply(x_m, x_v, weight, geometry)
+    if bias is not None:
+        mean = mean + bias.reshape(1, 1, -1)
+    return mean, var
+
+
+class _MapConv2d(torch.autograd.Function):
+    """``(conv(m, W), conv(v, W^2))`` of two batch-1 NCHW maps, as ``(H', W', C_out)`` maps.
+
+    One im2col per map and batched matmuls over the groups. The backward forms the weight's
+    gradient ``G_m U_m^T + 2 W * (G_v U_v^T)`` with one matmul, one multiply and one
+    multiply-add in place: the moment pass of a large kernel on a small map (deep layers)
+    costs a few passes over the weight rather than the dozen that autograd through two
+    ``F.conv2d`` calls and ``W * W`` takes (torch runs batch-1 convolutions of small maps on
+    its slow im2col path anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x_m: Tensor, x_v: Tensor, weight: Tensor, geometry: tuple) -> tuple[Tensor, Tensor]:
+        kernel, dilation, padding, stride, groups = geometry
+        size = (int(x_m.shape[-2]), int(x_m.shape[-1]))
+        out = [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+        c_out = weight.shape[0]
+
+        def columns(x: Tensor) -> Tensor:  # (groups, C_in / groups * kh * kw, L)
+            cols = F.unfold(x, kernel, dilation, padding, stride)
+            return cols.reshape(groups, -1, cols.shape[-1])
+
+        u_m, u_v = columns(x_m), columns(x_v)
+        w = weight.reshape(groups, c_out // groups, -1)
+        w2 = w * w
+        mean, var = torch.bmm(w, u_m), torch.bmm(w2, u_v)
+        ctx.save_for_backward(u_m, u_v, w, w2)
+        ctx.geometry, ctx.size, ctx.weight_shape = geometry, size, weight.shape
+
+        def hwc(t: Tensor) -> Tensor:
+            return t.reshape(c_out, out[0], out[1]).permute(1, 2, 0)
+
+        return hwc(mean), hwc(var)
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_var: Tensor):
+        u_m, u_v, w, w2 = ctx.saved_tensors
+        kernel, dilation, padding, stride, groups = ctx.geometry
+
+        def cols(g: Tensor) -> Tensor:  # (H', W', C_out) -> (groups, C_out / groups, L)
+            return g.permute(2, 0, 1).reshape(groups, w.shape[1], -1)
+
+        g_m, g_v = cols(g_mean), cols(g_var)
+
+        def fold(weights: Tensor, g: Tensor) -> Tensor:
+            grad_cols = torch.bmm(weights.transpose(1, 2), g).reshape(1, -1, g.shape[-1])
+            return F.fold(grad_cols, ctx.size, kernel, dilation, padding, stride)
+
+        grad_m = fold(w, g_m) if ctx.needs_input_grad[0] else None
+        grad_v = fold(w2, g_v) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.bmm(g_v, u_v.transpose(1, 2)).mul_(w)
+            grad_w = grad_w.baddbmm_(g_m, u_m.transpose(1, 2), beta=2.0).reshape(ctx.weight_shape)
+        return grad_m, grad_v, grad_w, None
 
 
 def avg_pool2d_map_moments(

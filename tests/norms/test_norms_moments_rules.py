@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from bnprobe.norms.an_graph import graph_moments, trace
-from bnprobe.norms.moment_maps import channel_moments, max_pool2d_map_moments
+from bnprobe.norms.moment_maps import channel_moments, conv2d_map_moments, max_pool2d_map_moments
 from bnprobe.norms.moments import (
     add_moments,
     concat_moments,
@@ -314,3 +314,42 @@ def test_rules_are_differentiable():
     ]
     for f in checks:
         assert torch.autograd.gradcheck(f, (m, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"padding": 1},
+        {"stride": 2, "padding": 1, "dilation": 2},
+        {"groups": 2, "padding": "same"},
+        {"groups": 4, "stride": (2, 1), "padding": (0, 1)},
+        {"padding": 1, "padding_mode": "reflect"},
+    ],
+)
+def test_conv2d_map_moments_matches_autograd_of_two_convolutions(kwargs):
+    # the hand-written backward of the moment convolution against autograd through F.conv2d
+    g = torch.Generator().manual_seed(5)
+    groups = kwargs.get("groups", 1)
+    weight = torch.randn(8, 4 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(7, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = (torch.rand(7, 6, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    out_m, out_v = conv2d_map_moments(m, v, weight, bias, **kwargs)
+
+    def reference(x, w, b):
+        x = x.permute(2, 0, 1).unsqueeze(0)
+        mode = kwargs.get("padding_mode", "zeros")
+        conv_kwargs = {k: kwargs[k] for k in ("stride", "dilation", "groups") if k in kwargs}
+        padding = kwargs.get("padding", 0)
+        if mode != "zeros":
+            x, padding = F.pad(x, (padding,) * 4, mode=mode), 0
+        return F.conv2d(x, w, b, padding=padding, **conv_kwargs).squeeze(0).permute(1, 2, 0)
+
+    ref_m, ref_v = reference(m, weight, bias), reference(v, weight * weight, None)
+    torch.testing.assert_close(out_m, ref_m)
+    torch.testing.assert_close(out_v, ref_v)
+    g_m, g_v = torch.randn_like(out_m), torch.randn_like(out_v)
+    mine = torch.autograd.grad((out_m * g_m).sum() + (out_v * g_v).sum(), (m, v, weight, bias))
+    theirs = torch.autograd.grad((ref_m * g_m).sum() + (ref_v * g_v).sum(), (m, v, weight, bias))
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
