@@ -127,11 +127,38 @@ def conv2d_map_moments(
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x_m, x_v = F.pad(x_m, pads, mode=mode), F.pad(x_v, pads, mode=mode)
         padding = 0
-    geometry = (tuple(weight.shape[2:]), dilation, _pair(padding), _pair(stride), int(groups))
+    weight, padding = _crop_unused_taps(weight, x_m.shape[-2:], _pair(stride), _pair(padding), dilation)
+    geometry = (tuple(weight.shape[2:]), dilation, padding, _pair(stride), int(groups))
     mean, var = _MapConv2d.apply(x_m, x_v, weight, geometry)
     if bias is not None:
         mean = mean + bias.reshape(1, 1, -1)
     return mean, var
+
+
+def _crop_unused_taps(
+    weight: Tensor, size: Sequence[int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, tuple[int, int]]:
+    """The kernel without the taps that read only zero padding, and the padding that goes with it.
+
+    Such taps add nothing to any output. Deep layers of ImageNet networks on small images
+    (a 3x3 kernel on a 1x1 map uses only its centre) then pass over a fraction of the weight.
+    An axis is cropped only where the same output size follows with symmetric padding.
+    """
+    crop, new_padding = [], []
+    for i in range(2):
+        k, s, p, d, n = int(weight.shape[2 + i]), stride[i], padding[i], dilation[i], int(size[i])
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        used = [t for t in range(k) if t * d - p <= n - 1 and (out - 1) * s + t * d - p >= 0]
+        lo, hi = (used[0], used[-1]) if used else (0, k - 1)
+        q = p - lo * d
+        if q < 0 or (n + 2 * q - d * (hi - lo) - 1) // s + 1 != out:
+            lo, hi, q = 0, k - 1, p
+        crop.append(slice(lo, hi + 1))
+        new_padding.append(q)
+    if all(c.stop - c.start == weight.shape[2 + i] for i, c in enumerate(crop)):
+        return weight, padding
+    return weight[:, :, crop[0], crop[1]], (new_padding[0], new_padding[1])
 
 
 class _MapConv2d(torch.autograd.Function):
@@ -149,7 +176,8 @@ class _MapConv2d(torch.autograd.Function):
     def forward(ctx, x_m: Tensor, x_v: Tensor, weight: Tensor, geometry: tuple) -> tuple[Tensor, Tensor]:
         kernel, dilation, padding, stride, groups = geometry
         size = (int(x_m.shape[-2]), int(x_m.shape[-1]))
-        out = [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+        span = [size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1 for i in range(2)]
+        out = [span[i] // stride[i] + 1 for i in range(2)]
         c_out = weight.shape[0]
 
         def columns(x: Tensor) -> Tensor:  # (groups, C_in / groups * kh * kw, L)

@@ -353,3 +353,33 @@ def test_conv2d_map_moments_matches_autograd_of_two_convolutions(kwargs):
     theirs = torch.autograd.grad((ref_m * g_m).sum() + (ref_v * g_v).sum(), (m, v, weight, bias))
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, kwargs",
+    [
+        ((1, 1), (3, 3), {"padding": 1}),  # only the centre tap reads the map
+        ((2, 2), (3, 3), {"padding": 1, "stride": 2}),
+        ((1, 3), (3, 3), {"padding": 2, "dilation": 2}),
+        ((2, 1), (3, 5), {"padding": (1, 3)}),
+        ((4, 4), (3, 3), {"padding": 1}),  # nothing to crop
+    ],
+)
+def test_conv2d_map_moments_of_small_maps_skip_padding_taps_exactly(size, kernel, kwargs):
+    # taps that read only padding are cropped from the kernel: same maps, same gradients
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(5, 3, *kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(*size, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    v = (torch.rand(*size, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    out_m, out_v = conv2d_map_moments(m, v, weight, None, **kwargs)
+
+    def reference(x, w):
+        return F.conv2d(x.permute(2, 0, 1).unsqueeze(0), w, **kwargs).squeeze(0).permute(1, 2, 0)
+
+    ref_m, ref_v = reference(m, weight), reference(v, weight * weight)
+    torch.testing.assert_close(out_m, ref_m)
+    torch.testing.assert_close(out_v, ref_v)
+    mine = torch.autograd.grad(out_m.sum() + (out_v * out_v).sum(), (m, v, weight))
+    theirs = torch.autograd.grad(ref_m.sum() + (ref_v * ref_v).sum(), (m, v, weight))
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
