@@ -9,13 +9,18 @@ by a positive constant leaves the network's output unchanged. That holds for
 * an ``nn.Conv1d/2d/3d`` or ``nn.Linear`` directly followed by a per-channel normalization
   (``BatchNorm*d`` or ``InstanceNorm*d``), recognised by the convention that the block
   exposes the two as submodules named ``conv`` and ``norm`` of the same parent (like
-  ``bnprobe.norms.ConvNorm``), or as consecutive children of an ``nn.Sequential``.
+  ``bnprobe.norms.ConvNorm``), or as consecutive children of an ``nn.Sequential``;
+* a conv/linear whose only use is a BatchNorm in the network's ``torch.fx`` graph (a paired
+  :func:`~bnprobe.norms.tracing.bn_sites` entry: e.g. ``conv1 -> bn1`` in torchvision's
+  residual blocks, which are not Sequential). The graph is read once per model and cached;
+  an untraceable network keeps the two conventions above.
 
 A conv bias before BN cancels in training mode, so such weights count as scale invariant too.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -23,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..errors import BnprobeError
+from .tracing import bn_sites
 from .wn import _WNBase
 
 __all__ = [
@@ -60,8 +67,30 @@ def _is_norm_pair(conv: Any, norm: Any) -> bool:
     return isinstance(conv, _LINEAR_TYPES) and isinstance(norm, _NORM_TYPES)
 
 
+_GRAPH_PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _graph_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``(conv, bn)`` pairs of the fx graph, cached per model while its modules stay the same."""
+    modules = tuple(id(m) for m in model.modules())
+    cached = _GRAPH_PAIRS.get(model)
+    if cached is not None and cached[0] == modules:
+        return cached[1]
+    pairs = []
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        try:
+            pairs = [(site.conv, site.bn) for site in bn_sites(model) if site.paired]
+        except BnprobeError:  # untraceable, or other norms: the naming conventions only
+            pairs = []
+    _GRAPH_PAIRS[model] = (modules, pairs)
+    return pairs
+
+
 def _norm_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
     """Yield ``(conv, norm)`` pairs of a plain conv/linear followed by BN/IN."""
+    yield from _graph_pairs(model)
     for module in model.modules():
         conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
         if _is_norm_pair(conv, norm):

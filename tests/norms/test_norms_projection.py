@@ -128,3 +128,37 @@ def test_model_may_implement_the_protocol_with_the_function():
     assert {id(p) for p in net.scale_invariant_weights()} == _expected(net)
     outer = nn.Sequential(net)
     assert {id(p) for p in scale_invariant_weights(outer)} == _expected(net)
+
+
+class _Residual(nn.Module):
+    """A torchvision-style block: conv -> BN pairs that are neither Sequential nor conv/norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3, eps=1e-12)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3, eps=1e-12)
+        self.side, self.bn3 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)  # NOT invariant: used twice
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        side = self.side(x)
+        return torch.relu(out + x) + self.bn3(side) + side
+
+
+def test_graph_pairs_of_a_residual_block_are_found_and_projection_keeps_outputs():
+    torch.manual_seed(2)
+    net = _Residual().double()
+    assert {id(p) for p in scale_invariant_weights(net)} == {id(net.conv1.weight), id(net.conv2.weight)}
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(3):
+            net(x)
+        for w in (net.conv1.weight, net.conv2.weight):
+            w.mul_(torch.rand(3, 1, 1, 1, dtype=w.dtype) * 3 + 1.0)
+        y_train, y_eval = net(x), net.eval()(x)
+        project_scale_invariant_(net.train())
+        norms = net.conv2.weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones(3, dtype=torch.float64))
+        torch.testing.assert_close(net.eval()(x), y_eval)
+        torch.testing.assert_close(net.train()(x), y_train)
