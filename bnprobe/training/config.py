@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import BnprobeError
 from ..options import (
     DEFAULT_LR,
+    DEFAULT_LR_CONVERTED_AN,
     LR_SEARCH_STEPS,
     LR_SEARCH_TRIALS,
     DatasetName,
@@ -230,7 +231,10 @@ class TrainConfig:
     @property
     def default_lr(self) -> float:
         """The initial learning rate for this norm and optimizer when ``lr`` is not given."""
-        return DEFAULT_LR[Optimizer.parse(self.optimizer)][Norm.parse(self.norm)]
+        norm, optimizer = Norm.parse(self.norm), Optimizer.parse(self.optimizer)
+        if norm is Norm.AN and optimizer is Optimizer.SGD and self.arch != "allcnn":
+            return DEFAULT_LR_CONVERTED_AN
+        return DEFAULT_LR[optimizer][norm]
 
     @property
     def decay_epochs(self) -> float:

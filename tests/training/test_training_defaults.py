@@ -39,3 +39,15 @@ def test_resume_without_lr_keeps_the_runs_lr(tiny_data, tmp_path):
     train(TrainConfig(epochs=1, lr=0.02, **base), tmp_path / "run", data=tiny_data)
     resumed = train(TrainConfig(epochs=2, **base), tmp_path / "run", resume=True, data=tiny_data)
     assert resumed.config.lr == 0.02 and resumed.history[0]["lr"] == 0.02
+
+
+@pytest.mark.parametrize("arch,norm,optimizer,expected", [
+    ("allcnn", "an", "sgd", 0.005),
+    ("torchvision:resnet18", "an", "sgd", 0.001),  # 0.005 diverged on CIFAR-10 (options.py)
+    ("torchvision:resnet18", "wn", "sgd", 0.005),
+    ("torchvision:resnet18", "bn", "sgd", 0.05),
+    ("torchvision:resnet18", "an", "adam", 0.001),
+])
+def test_default_lr_by_norm_optimizer_and_network(arch, norm, optimizer, expected):
+    config = TrainConfig(arch=arch, norm=norm, optimizer=optimizer)
+    assert config.default_lr == expected
