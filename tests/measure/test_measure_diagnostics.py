@@ -64,10 +64,13 @@ def test_resnet_after_16_steps_warns_one_line_per_problem(resnet_16_steps):
     text = "\n".join(warnings)
     assert "running BN buffers are unusable" in text and "bnprobe recalibrate" in text
     assert "1x1 maps" in text and "with 28x28 inputs the BN layers see maps of 14x14" in text
-    # the population reference does not read the buffers: V and U fit the model, so the noise
-    # file is honest and written
-    assert result.exit_code == 0, result.output
-    assert (resnet_16_steps / "m" / "fitted.json").is_file()
+    # the population reference does not read the buffers, but in layer2-4 (maps of 4x4 to 1x1, so
+    # upstream BNs normalize by 8-128 values) the training-mode batch means are biased away from
+    # the exact network's: V does not fit the model there, and no noise file is written
+    assert "V biased" in text and "broken: V's mean off zero" in text
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("Error: no fitted.json written"), result.output
+    assert not (resnet_16_steps / "m" / "fitted.json").exists()
 
 
 def test_broken_measurement_writes_no_noise_file_without_force(resnet_16_steps):
