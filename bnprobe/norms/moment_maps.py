@@ -148,7 +148,7 @@ def _crop_unused_taps(
     crop, new_padding = [], []
     for i in range(2):
         k, s, p, d, n = int(weight.shape[2 + i]), stride[i], padding[i], dilation[i], int(size[i])
-        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        out = _out_length(n, k, s, p, d, False)
         used = [t for t in range(k) if t * d - p <= n - 1 and (out - 1) * s + t * d - p >= 0]
         lo, hi = (used[0], used[-1]) if used else (0, k - 1)
         q = p - lo * d
@@ -176,8 +176,7 @@ class _MapConv2d(torch.autograd.Function):
     def forward(ctx, x_m: Tensor, x_v: Tensor, weight: Tensor, geometry: tuple) -> tuple[Tensor, Tensor]:
         kernel, dilation, padding, stride, groups = geometry
         size = (int(x_m.shape[-2]), int(x_m.shape[-1]))
-        span = [size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1 for i in range(2)]
-        out = [span[i] // stride[i] + 1 for i in range(2)]
+        out = [_out_length(size[i], kernel[i], stride[i], padding[i], dilation[i], False) for i in range(2)]
         c_out = weight.shape[0]
 
         def columns(x: Tensor) -> Tensor:  # (groups, C_in / groups * kh * kw, L)
