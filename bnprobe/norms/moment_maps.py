@@ -127,7 +127,7 @@ def conv2d_map_moments(
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x_m, x_v = F.pad(x_m, pads, mode=mode), F.pad(x_v, pads, mode=mode)
         padding = 0
-    weight, padding = _crop_unused_taps(weight, x_m.shape[-2:], _pair(stride), _pair(padding), dilation)
+    weight, padding = crop_unused_taps(weight, x_m.shape[-2:], _pair(stride), _pair(padding), dilation)
     geometry = (tuple(weight.shape[2:]), dilation, padding, _pair(stride), int(groups))
     mean, var = _MapConv2d.apply(x_m, x_v, weight, geometry)
     if bias is not None:
@@ -135,7 +135,7 @@ def conv2d_map_moments(
     return mean, var
 
 
-def _crop_unused_taps(
+def crop_unused_taps(
     weight: Tensor, size: Sequence[int], stride: tuple[int, int], padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> tuple[Tensor, tuple[int, int]]:
