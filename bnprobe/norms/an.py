@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .moment_maps import channel_moments, conv2d_map_moments
+from .moment_maps import channel_moments, conv2d_map_moments, crop_unused_taps
 from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
 from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
@@ -99,8 +99,9 @@ class ANConv2d(_WNBase):
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
         self._m_in: Optional[Tensor] = None
         self._v_in: Optional[Tensor] = None
-        # (mu, sigma) of the last propagate, valid while weight and grad mode are unchanged
-        self._normalizer_cache: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
+        # the last propagate's (mu, sigma) and cropped kernel (size, weight, padding), valid
+        # while weight and grad mode are unchanged; the forward uses them once
+        self._normalizer_cache: Optional[tuple[tuple, tuple[Tensor, Tensor], Optional[tuple]]] = None
         self.last_mu: Optional[Tensor] = None
         self.last_sigma: Optional[Tensor] = None
 
@@ -147,19 +148,27 @@ class ANConv2d(_WNBase):
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
-        cache, self._normalizer_cache = self._normalizer_cache, None
-        if cache is not None and cache[0] == self._cache_key():
+        cache = self._take_cache()
+        if cache is not None:
             return cache[1]  # propagate's, used once: the forward skips a second moment pass
         return self._normalizer(self._output_moments()[0])
+
+    def _take_cache(self) -> Optional[tuple]:
+        cache, self._normalizer_cache = self._normalizer_cache, None
+        return cache if cache is not None and cache[0] == self._cache_key() else None
+
+    def _cropped(self, size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        # the kernel without the taps that read only padding at this input size, and its padding
+        return crop_unused_taps(self.weight, size, self.stride, self.padding, self.dilation)
 
     def _output_moments(self) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
         # ((mu, var) per channel, (mean, var) maps or None) of conv(x, w)
         if self._m_in.dim() == 1:
             return conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups), None
+        weight, padding = self._cropped(tuple(self._m_in.shape[:2]))
         maps = conv2d_map_moments(
-            self._m_in, self._v_in, self.weight, None, self.stride, self.padding, self.dilation,
-            self.groups,
-        )  # fmt: skip
+            self._m_in, self._v_in, weight, None, self.stride, padding, self.dilation, self.groups
+        )
         return channel_moments(*maps), maps
 
     def _normalizer(self, moments: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -187,9 +196,13 @@ class ANConv2d(_WNBase):
         """
         self.set_input_moments(m, v)
         if m.dim() == 3:
-            moments, (map_m, map_v) = self._output_moments()
-            mu, sigma = self._normalizer(moments)
-            self._normalizer_cache = (self._cache_key(), (mu, sigma))
+            size = (int(m.shape[0]), int(m.shape[1]))
+            weight, padding = self._cropped(size)  # shared with the forward: one crop per step
+            map_m, map_v = conv2d_map_moments(
+                m, v, weight, None, self.stride, padding, self.dilation, self.groups
+            )
+            mu, sigma = self._normalizer(channel_moments(map_m, map_v))
+            self._normalizer_cache = (self._cache_key(), (mu, sigma), (size, weight, padding))
             inv = 1.0 / sigma
             return affine_moments((map_m - mu) * inv, map_v * inv * inv, self.scale, self.bias,
                                   self.noise)  # fmt: skip
@@ -200,11 +213,18 @@ class ANConv2d(_WNBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``conv(x, w)`` with the analytic moments, then noise and affine."""
-        mu, sigma = self.normalizer_moments()
+        cache = self._take_cache() if self._m_in is not None else None
+        weight, padding = self.weight, self.padding
+        if cache is None:
+            mu, sigma = self.normalizer_moments()
+        else:
+            (mu, sigma), crop = cache[1], cache[2]
+            if crop is not None and crop[0] == tuple(x.shape[-2:]):
+                weight, padding = crop[1], crop[2]
         inv = 1.0 / sigma
         return normalized_conv2d(
-            x, self.weight, inv, -mu * inv, self.scale, self.bias, self.noise,
-            self.stride, self.padding, self.dilation, self.groups,
+            x, weight, inv, -mu * inv, self.scale, self.bias, self.noise,
+            self.stride, padding, self.dilation, self.groups,
         )  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:

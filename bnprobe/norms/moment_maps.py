@@ -158,7 +158,25 @@ def crop_unused_taps(
         new_padding.append(q)
     if all(c.stop - c.start == weight.shape[2 + i] for i, c in enumerate(crop)):
         return weight, padding
-    return weight[:, :, crop[0], crop[1]], (new_padding[0], new_padding[1])
+    return _CropTaps.apply(weight, crop[0], crop[1]), (new_padding[0], new_padding[1])
+
+
+class _CropTaps(torch.autograd.Function):
+    """``weight[:, :, rows, cols]``, contiguous; its backward fills the full gradient once.
+
+    (Two slicings would zero-fill and copy a weight-sized gradient once per axis.)
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: slice, cols: slice) -> Tensor:  # noqa: D102
+        ctx.shape, ctx.rows, ctx.cols = weight.shape, rows, cols
+        return weight[:, :, rows, cols].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        full = grad.new_zeros(ctx.shape)
+        full[:, :, ctx.rows, ctx.cols] = grad
+        return full, None, None
 
 
 class _MapConv2d(torch.autograd.Function):

@@ -222,16 +222,18 @@ def test_input_moments_buffers_round_trip():
     torch.testing.assert_close(other()[1], torch.tensor([1.0, 2.0, 3.0]))
 
 
-def test_forward_reuses_the_moments_of_propagate_once(monkeypatch):
+@pytest.mark.parametrize("size", [5, 1])  # at 1x1 only the centre tap is used: a shared crop
+def test_forward_reuses_the_moments_of_propagate_once(monkeypatch, size):
     # propagate computes (mu, sigma) from the maps; the next forward must reuse them (one moment
-    # pass per step) with the same values and gradients, and recompute after a weight change
+    # pass per step, and the cropped kernel) with the same values and gradients, and recompute
+    # after a weight change
     import bnprobe.norms.an as an_module
 
     g = torch.Generator().manual_seed(3)
     layer = _an(3, 4, g=g, padding=1)
-    m = torch.randn(5, 5, 3, generator=g, dtype=DT)
-    v = torch.rand(5, 5, 3, generator=g, dtype=DT) + 0.5
-    x = torch.randn(2, 3, 5, 5, generator=g, dtype=DT)
+    m = torch.randn(size, size, 3, generator=g, dtype=DT)
+    v = torch.rand(size, size, 3, generator=g, dtype=DT) + 0.5
+    x = torch.randn(2, 3, size, size, generator=g, dtype=DT)
     calls = []
     real = an_module.conv2d_map_moments
     monkeypatch.setattr(an_module, "conv2d_map_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
