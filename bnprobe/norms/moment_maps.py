@@ -66,8 +66,8 @@ def channel_moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return m, v
     m, v = torch.broadcast_tensors(m, v)
     mf, vf = m.reshape(-1, m.shape[-1]), v.reshape(-1, v.shape[-1])
-    mean = mf.mean(dim=0)
-    return mean, vf.mean(dim=0) + (mf - mean).square().mean(dim=0)
+    spread, mean = torch.var_mean(mf, dim=0, correction=0)
+    return mean, vf.mean(dim=0) + spread
 
 
 def _nchw(t: Tensor, like: Tensor) -> Tensor:
