@@ -12,10 +12,13 @@ images and positions, in that same network. Two switches:
   that factor on. ``anchored=True``: the prediction at each normalization starts from the
   *measured* per-position moments at the outputs of the previous normalizations (and at the
   network's input): the error of one block's rules on the activations, without compounding.
-* ``decorrelated=True``: every activation entering a node is decorrelated (each position and
-  channel paired with a different image), which makes the independence assumptions true;
-  what remains is the Gaussian approximation and Monte Carlo noise. A test of the propagation
-  machinery rather than of the approximation.
+* ``decorrelated=True`` (or ``"all"``): every activation entering a node is decorrelated (each
+  position and channel paired with a different image), which makes the independence
+  assumptions true; what remains is the Gaussian approximation and Monte Carlo noise. A test
+  of the propagation machinery rather than of the approximation. ``"positions"`` removes only
+  the dependence between positions (the channels at one position stay together), and
+  ``"channels"`` only that between channels (each channel's map stays whole): which of the
+  two correlations the independence assumption misses.
 
 Statistics per normalization (:class:`LayerError`): the mean error in units of the measured
 standard deviation, ``(mean_emp - mean_pred) / sd_emp``, and the variance ratio
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Optional
+from enum import Enum
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -36,7 +40,16 @@ from .an import dataset_channel_moments
 from .an_graph import propagate_graph, trace
 from .moment_maps import channel_moments
 
-__all__ = ["LayerError", "PredictedNorm", "an_layer_errors", "with_predicted_norms"]
+__all__ = ["Decorrelate", "LayerError", "PredictedNorm", "an_layer_errors", "with_predicted_norms"]
+
+
+class Decorrelate(str, Enum):
+    """What :func:`an_layer_errors` decorrelates in the activations entering every node."""
+
+    NONE = "none"
+    ALL = "all"  # positions and channels
+    POSITIONS = "positions"  # positions from different images; a position's channels together
+    CHANNELS = "channels"  # channels from different images; each channel's map whole
 
 class PredictedNorm(nn.Module):
     """A BatchNorm's stand-in under analytic normalization.
@@ -157,18 +170,26 @@ class _Decorrelating(fx.Interpreter):
 
     Element ``(i, c, h, w)`` is replaced by that of image ``(i + o[c, h, w]) mod N`` with a
     random offset per element: marginals are kept, dependence between elements is removed
-    (up to the ``1 / N`` chance that two elements draw the same offset).
+    (up to the ``1 / N`` chance that two elements draw the same offset). With ``POSITIONS``
+    the offset is shared by the channels of a position (``o[h, w]``), with ``CHANNELS`` by the
+    positions of a channel (``o[c]``); flat features count as channels.
     """
 
-    def __init__(self, gm: fx.GraphModule, generator: torch.Generator) -> None:
+    def __init__(self, gm: fx.GraphModule, generator: torch.Generator, what: Decorrelate) -> None:
         super().__init__(gm)
         self.generator = generator
+        self.what = what
 
     def _shuffle(self, value: Any) -> Any:
         if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] < 2:
             return value
         n = value.shape[0]
-        offset = torch.randint(n, value.shape[1:], generator=self.generator).to(value.device)
+        shape = list(value.shape[1:])
+        if self.what is Decorrelate.POSITIONS:
+            shape[0] = 1
+        elif self.what is Decorrelate.CHANNELS:
+            shape[1:] = [1] * (len(shape) - 1)
+        offset = torch.randint(n, shape, generator=self.generator).expand(value.shape[1:]).to(value.device)
         index = (torch.arange(n, device=value.device).reshape((n,) + (1,) * (value.dim() - 1)) + offset) % n
         return value.gather(0, index)
 
@@ -209,7 +230,7 @@ def an_layer_errors(
     mean: Optional[Tensor] = None,
     var: Optional[Tensor] = None,
     anchored: bool = False,
-    decorrelated: bool = False,
+    decorrelated: Union[bool, str, Decorrelate] = False,
     batch_size: int = 200,
     generator: Optional[torch.Generator] = None,
 ) -> list[LayerError]:
@@ -222,7 +243,9 @@ def an_layer_errors(
         var: Input channel variances (None: measured on ``images``).
         anchored: Predict each normalization's input from the measured outputs of the previous
             ones (one block's error) instead of the whole chain.
-        decorrelated: Decorrelate every node's inputs (the rules' independence made true).
+        decorrelated: Decorrelate every node's inputs (True or ``"all"``: the rules'
+            independence made true), only across positions (``"positions"``) or only across
+            channels (``"channels"``); False or ``"none"``: as they are.
         batch_size: Images per forward.
         generator: Random generator of ``decorrelated`` (None: a fresh one seeded 0).
 
@@ -230,8 +253,9 @@ def an_layer_errors(
         One :class:`LayerError` per normalization, in graph order.
 
     Raises:
-        BnprobeError: For a network without BatchNorm layers.
+        BnprobeError: For a network without BatchNorm layers, or an unknown ``decorrelated``.
     """
+    what = _decorrelate(decorrelated)
     net = with_predicted_norms(model)
     gm = trace(net)
     norms = {str(n.target): gm.get_submodule(n.target) for n in gm.graph.nodes
@@ -253,7 +277,7 @@ def an_layer_errors(
 
         hooks.append(module.register_forward_hook(hook))
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    runner = _Decorrelating(gm, generator) if decorrelated else None
+    runner = _Decorrelating(gm, generator, what) if what is not Decorrelate.NONE else None
     try:
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
@@ -280,3 +304,13 @@ def an_layer_errors(
             pooled_var_ratio=float(emp_v.mean() / pred_v.mean()),
         ))  # fmt: skip
     return result
+
+
+def _decorrelate(value: Union[bool, str, Decorrelate]) -> Decorrelate:
+    if isinstance(value, bool):
+        return Decorrelate.ALL if value else Decorrelate.NONE
+    try:
+        return Decorrelate(value)
+    except ValueError:
+        choices = ", ".join(d.value for d in Decorrelate)
+        raise BnprobeError(f"an_layer_errors: decorrelated={value!r} is not one of {choices}") from None

@@ -256,6 +256,40 @@ def test_whole_network_machinery_when_the_assumptions_hold(name):
     assert float(mean_err.max()) < 0.1, mean_err
 
 
+
+@pytest.mark.parametrize("what", ["all", "positions", "channels"])
+def test_decorrelation_removes_what_it_says(what):
+    # element (i, c, h, w) holds i: after the shuffle every (c, h, w) still holds a permutation
+    # of the images (marginals kept); "positions" keeps a position's channels together,
+    # "channels" keeps a channel's map whole, "all" keeps neither
+    from bnprobe.norms.an_check import Decorrelate, _Decorrelating
+
+    n = 64
+    x = torch.arange(n, dtype=torch.float64).reshape(n, 1, 1, 1).expand(n, 4, 5, 5).contiguous()
+    runner = _Decorrelating(torch.fx.symbolic_trace(nn.Identity()), torch.Generator().manual_seed(0),
+                            Decorrelate(what))  # fmt: skip
+    out = runner._shuffle(x)
+    assert torch.equal(out.sort(dim=0).values, x)
+    same_across_channels = bool((out == out[:, :1]).all())
+    same_across_positions = bool((out == out[:, :, :1, :1]).all())
+    assert same_across_channels == (what == "positions")
+    assert same_across_positions == (what == "channels")
+
+
+def test_an_layer_errors_names_an_unknown_decorrelation():
+    with pytest.raises(BnprobeError, match="decorrelated='rows' is not one of none, all, positions"):
+        an_layer_errors(_model("resnet18"), synthetic_images(4), decorrelated="rows")
+
+
+def test_resnet18_chain_is_accurate_once_positions_are_independent():
+    # What resnet18's chain misses is the correlation between positions: with positions
+    # decorrelated (channels at a position still correlated) every layer's pooled variance is
+    # within 5% (measured 0.99-1.04 on these images); as they are, 0.89-1.15, and with only the
+    # channels decorrelated 1.01-1.26
+    errors = an_layer_errors(_model("resnet18"), synthetic_images(192), decorrelated="positions")
+    pooled = torch.tensor([e.pooled_var_ratio for e in errors])
+    assert float((pooled - 1).abs().max()) < 0.06, pooled
+
 # What holds at init, measured on 256 images (ranges over layers of the pooled variance ratio
 # measured / predicted, and the largest per-layer median |mean error| in sd):
 #                          chain: pooled  |dm|    anchored: pooled  layers within 10%
