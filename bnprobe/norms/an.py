@@ -33,6 +33,8 @@ from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
 __all__ = ["ANConv2d", "InputMoments", "dataset_channel_moments", "propagate_sequence"]
 
+_Maps = tuple[Tensor, Tensor]  # (mean, var) maps (H, W, C)
+
 _IntPair = Union[int, tuple[int, int]]
 _Size = Optional[tuple[int, int]]
 
@@ -143,33 +145,34 @@ class ANConv2d(_WNBase):
         Raises:
             RuntimeError: If no input moments were set.
         """
+        return self._normalizer_and_crop()[0]
+
+    def _normalizer_and_crop(self) -> tuple[tuple[Tensor, Tensor], Optional[tuple]]:
+        # ((mu, sigma), cropped kernel (size, weight, padding) or None): propagate's, used once
+        # (the forward skips a second moment pass), or computed afresh
         if self._m_in is None or self._v_in is None:
             raise RuntimeError(
                 "ANConv2d needs input moments: call propagate(m, v) or set_input_moments(m, v) "
                 "(e.g. via propagate_sequence) before forward"
             )
-        cache = self._take_cache()
-        if cache is not None:
-            return cache[1]  # propagate's, used once: the forward skips a second moment pass
-        return self._normalizer(self._output_moments()[0])
-
-    def _take_cache(self) -> Optional[tuple]:
         cache, self._normalizer_cache = self._normalizer_cache, None
-        return cache if cache is not None and cache[0] == self._cache_key() else None
+        if cache is not None and cache[0] == self._cache_key():
+            return cache[1], cache[2]
+        moments, _, crop = self._output_moments()
+        return self._normalizer(moments), crop
 
-    def _cropped(self, size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        # the kernel without the taps that read only padding at this input size, and its padding
-        return crop_unused_taps(self.weight, size, self.stride, self.padding, self.dilation)
-
-    def _output_moments(self) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
-        # ((mu, var) per channel, (mean, var) maps or None) of conv(x, w)
+    def _output_moments(self) -> tuple[tuple[Tensor, Tensor], Optional[_Maps], Optional[tuple]]:
+        # ((mu, var) per channel, (mean, var) maps or None, cropped kernel or None) of conv(x, w);
+        # the kernel without the taps that read only padding at the maps' size is shared with
+        # the forward: one crop per step
         if self._m_in.dim() == 1:
-            return conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups), None
-        weight, padding = self._cropped(tuple(self._m_in.shape[:2]))
+            return conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups), None, None
+        size = (int(self._m_in.shape[0]), int(self._m_in.shape[1]))
+        weight, padding = crop_unused_taps(self.weight, size, self.stride, self.padding, self.dilation)
         maps = conv2d_map_moments(
             self._m_in, self._v_in, weight, None, self.stride, padding, self.dilation, self.groups
         )
-        return channel_moments(*maps), maps
+        return channel_moments(*maps), maps, (size, weight, padding)
 
     def _normalizer(self, moments: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         mu, var = moments
@@ -196,13 +199,9 @@ class ANConv2d(_WNBase):
         """
         self.set_input_moments(m, v)
         if m.dim() == 3:
-            size = (int(m.shape[0]), int(m.shape[1]))
-            weight, padding = self._cropped(size)  # shared with the forward: one crop per step
-            map_m, map_v = conv2d_map_moments(
-                m, v, weight, None, self.stride, padding, self.dilation, self.groups
-            )
-            mu, sigma = self._normalizer(channel_moments(map_m, map_v))
-            self._normalizer_cache = (self._cache_key(), (mu, sigma), (size, weight, padding))
+            moments, (map_m, map_v), crop = self._output_moments()
+            mu, sigma = self._normalizer(moments)
+            self._normalizer_cache = (self._cache_key(), (mu, sigma), crop)
             inv = 1.0 / sigma
             return affine_moments((map_m - mu) * inv, map_v * inv * inv, self.scale, self.bias,
                                   self.noise)  # fmt: skip
@@ -213,14 +212,10 @@ class ANConv2d(_WNBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``conv(x, w)`` with the analytic moments, then noise and affine."""
-        cache = self._take_cache() if self._m_in is not None else None
+        (mu, sigma), crop = self._normalizer_and_crop()
         weight, padding = self.weight, self.padding
-        if cache is None:
-            mu, sigma = self.normalizer_moments()
-        else:
-            (mu, sigma), crop = cache[1], cache[2]
-            if crop is not None and crop[0] == tuple(x.shape[-2:]):
-                weight, padding = crop[1], crop[2]
+        if crop is not None and crop[0] == tuple(x.shape[-2:]):
+            weight, padding = crop[1], crop[2]
         inv = 1.0 / sigma
         return normalized_conv2d(
             x, weight, inv, -mu * inv, self.scale, self.bias, self.noise,
