@@ -32,6 +32,14 @@ def _interrupting(after: int):
     return run
 
 
+def _line(stream, text: str) -> None:
+    """Write one marker line in a single write: ``print`` writes the text and the newline
+    separately on an unbuffered stream (PYTHONUNBUFFERED=1), and the other process's lines
+    then land inside the marker line, where :func:`split` drops them."""
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def split(text: str, commands: int) -> list[str]:
     """The lines of a stream of the job, by command (``[ddp_cli]`` lines left out)."""
     parts = [[] for _ in range(commands)]
@@ -60,7 +68,7 @@ def main() -> None:
     for i, step in enumerate(plan):
         barrier()  # the previous command ended everywhere: its output is complete
         for stream in (sys.stdout, sys.stderr):
-            print(f"[ddp_cli] command {i}", file=stream, flush=True)
+            _line(stream, f"[ddp_cli] command {i}")
         if step.get("interrupt_after"):
             Recorder.run = _interrupting(step["interrupt_after"])
         try:
@@ -71,7 +79,7 @@ def main() -> None:
         finally:
             Recorder.run = original_run
         sys.stdout.flush()
-        print(f"[ddp_cli] command {i} rank {rank} exit {code}", file=sys.stderr, flush=True)
+        _line(sys.stderr, f"[ddp_cli] command {i} rank {rank} exit {code}")
     barrier()
     common._leave_process_group = leave
     shutdown()
