@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .moment_maps import channel_moments, conv2d_map_moments, crop_unused_taps
 from .moments import avg_pool_moments, conv_moments, leaky_relu_moments
+from .spatial import conv2d_cov_moments
 from .wn import _check_groups, _pair, _WNBase, affine_moments, normalized_conv2d
 
 __all__ = ["ANConv2d", "InputMoments", "dataset_channel_moments", "propagate_sequence"]
@@ -45,7 +46,7 @@ def state_with_detached_moments(module: nn.Module) -> dict[str, Any]:
     They may be non-leaf tensors, which deepcopy and pickle refuse.
     """
     state = module.__dict__.copy()
-    for key in ("_m_in", "_v_in"):
+    for key in ("_m_in", "_v_in", "_cov_in"):
         if state.get(key) is not None:
             state[key] = state[key].detach()
     state["_normalizer_cache"] = None
@@ -101,13 +102,15 @@ class ANConv2d(_WNBase):
         self._init_params((out_channels, in_channels // groups) + self.kernel_size, bias, scale, noise)
         self._m_in: Optional[Tensor] = None
         self._v_in: Optional[Tensor] = None
+        self._cov_in: Optional[Tensor] = None  # the input's lag covariance (first layers)
+        self._corr_out: Optional[Tensor] = None  # then the output's spatial correlation
         # the last propagate's (mu, sigma) and cropped kernel (size, weight, padding), valid
         # while weight and grad mode are unchanged; the forward uses them once
         self._normalizer_cache: Optional[tuple[tuple, tuple[Tensor, Tensor], Optional[tuple]]] = None
         self.last_mu: Optional[Tensor] = None
         self.last_sigma: Optional[Tensor] = None
 
-    def set_input_moments(self, m: Tensor, v: Tensor) -> None:
+    def set_input_moments(self, m: Tensor, v: Tensor, cov: Optional[Tensor] = None) -> None:
         """Store the input moments used by the following forwards.
 
         Either channel vectors ``(C_in,)``: every position of a channel has these moments and
@@ -116,9 +119,14 @@ class ANConv2d(_WNBase):
         are computed position by position, the padded border included, and normalized by
         their mixture over positions (what BN would measure).
 
+        With position maps, ``cov`` (the lag covariance of a stationary input, as the
+        network's images have: :func:`~bnprobe.norms.spatial.lag_covariance`) makes the output
+        variance exact instead of that of independent inputs (``groups=1`` only).
+
         Args:
             m: Input means ``(C_in,)`` or ``(H, W, C_in)`` (its autograd graph is kept).
             v: Input variances, same shape.
+            cov: Optional lag covariance ``(C_in, C_in, 2R+1, 2R+1)`` of the input.
 
         Raises:
             ValueError: If a shape is neither ``(in_channels,)`` nor ``(H, W, in_channels)``.
@@ -129,7 +137,15 @@ class ANConv2d(_WNBase):
                     f"ANConv2d.set_input_moments: {name} must have shape ({self.in_channels},) "
                     f"or (H, W, {self.in_channels}) like m, got {tuple(t.shape)}"
                 )
+        spatial = cov is not None and m.dim() == 3 and self.groups == 1
+        if spatial and tuple(cov.shape[:2]) != (self.in_channels, self.in_channels):
+            raise ValueError(
+                f"ANConv2d.set_input_moments: cov must have shape ({self.in_channels}, "
+                f"{self.in_channels}, 2R+1, 2R+1), got {tuple(cov.shape)}"
+            )
         self._m_in, self._v_in = m, v
+        self._cov_in = cov if spatial else None
+        self._corr_out = None
         self._normalizer_cache = None
 
     def _cache_key(self) -> tuple:
@@ -169,9 +185,15 @@ class ANConv2d(_WNBase):
             return conv_moments(self._m_in, self._v_in, self.weight, groups=self.groups), None, None
         size = (int(self._m_in.shape[0]), int(self._m_in.shape[1]))
         weight, padding = crop_unused_taps(self.weight, size, self.stride, self.padding, self.dilation)
-        maps = conv2d_map_moments(
-            self._m_in, self._v_in, weight, None, self.stride, padding, self.dilation, self.groups
-        )
+        if getattr(self, "_cov_in", None) is not None:
+            mean, var, self._corr_out = conv2d_cov_moments(
+                self._m_in, self._cov_in, weight, None, self.stride, padding, self.dilation
+            )
+            maps = (mean, var)
+        else:
+            maps = conv2d_map_moments(
+                self._m_in, self._v_in, weight, None, self.stride, padding, self.dilation, self.groups
+            )
         return channel_moments(*maps), maps, (size, weight, padding)
 
     def _normalizer(self, moments: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -198,6 +220,26 @@ class ANConv2d(_WNBase):
             differentiable in ``s`` and ``b`` (and, for maps, in the weight).
         """
         self.set_input_moments(m, v)
+        return self._propagate()
+
+    def propagate_spatial(self, m: Tensor, v: Tensor, cov: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Like :meth:`propagate`, for an input with lag covariance ``cov`` (the images).
+
+        Args:
+            m: Input means ``(H, W, C_in)`` (channel vectors: ``cov`` is not used).
+            v: Input variances, same shape.
+            cov: Lag covariance ``(C_in, C_in, 2R+1, 2R+1)`` of the input.
+
+        Returns:
+            ``(mean, var, corr)``: the output maps, as :meth:`propagate`, and the output's
+            per-channel spatial correlation ``(C_out, 5, 5)`` (None where ``cov`` was not used).
+        """
+        self.set_input_moments(m, v, cov)
+        mean, var = self._propagate()
+        return mean, var, self._corr_out
+
+    def _propagate(self) -> tuple[Tensor, Tensor]:
+        m = self._m_in
         if m.dim() == 3:
             moments, (map_m, map_v), crop = self._output_moments()
             mu, sigma = self._normalizer(moments)
@@ -415,31 +457,59 @@ def dataset_channel_moments(
 class InputMoments(nn.Module):
     """Buffers holding the input channel moments of a model (saved in its ``state_dict``).
 
+    With ``spatial=True`` a third buffer, ``cov``, holds the lag covariance of the input
+    images (:func:`~bnprobe.norms.spatial.lag_covariance`), which graph propagation gives to
+    the convolutions that read the input; it stays empty (shape ``(0,)``) until set, and a
+    state_dict saved without it loads with it empty.
+
     Args:
         channels: Number of input channels.
         mean: Initial means (default 0).
         var: Initial variances (default 1).
+        spatial: Whether to hold the lag covariance too.
     """
 
     def __init__(
-        self, channels: int, mean: Optional[Tensor] = None, var: Optional[Tensor] = None
-    ) -> None:
+        self, channels: int, mean: Optional[Tensor] = None, var: Optional[Tensor] = None,
+        spatial: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.spatial = bool(spatial)
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("var", torch.ones(channels))
+        if self.spatial:
+            self.register_buffer("cov", torch.zeros(0))
         if mean is not None or var is not None:
             self.set_(self.mean if mean is None else mean, self.var if var is None else var)
 
     @torch.no_grad()
-    def set_(self, mean: Tensor, var: Tensor) -> None:
+    def set_(self, mean: Tensor, var: Tensor, cov: Optional[Tensor] = None) -> None:
         """Copy new moments (e.g. from :func:`dataset_channel_moments`) into the buffers.
 
         Args:
             mean: Channel means ``(C,)``.
             var: Channel variances ``(C,)``.
+            cov: Lag covariance ``(C, C, 2R+1, 2R+1)`` (kept only with ``spatial=True``).
         """
         self.mean.copy_(torch.as_tensor(mean))
         self.var.copy_(torch.as_tensor(var))
+        if cov is not None and self.spatial:
+            self.cov = torch.as_tensor(cov).to(self.mean).clone()
+
+    def covariance(self) -> Optional[Tensor]:
+        """The lag covariance, or None when not held or not set."""
+        cov = getattr(self, "cov", None)
+        return cov if cov is not None and cov.numel() > 0 else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:  # fmt: skip
+        key = prefix + "cov"
+        if self.spatial and key in state_dict:  # take the saved shape (the radius may differ)
+            self.cov = torch.empty_like(state_dict[key], device=self.mean.device, dtype=self.mean.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        if key in missing_keys:  # saved before the covariance existed: independence
+            missing_keys.remove(key)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """Return ``(mean, var)``."""

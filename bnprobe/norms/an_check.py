@@ -39,6 +39,7 @@ from ..errors import BnprobeError
 from .an import dataset_channel_moments
 from .an_graph import propagate_graph, trace
 from .moment_maps import channel_moments
+from .spatial import LAG_RADIUS, lag_covariance
 
 __all__ = ["Decorrelate", "LayerError", "PredictedNorm", "an_layer_errors", "with_predicted_norms"]
 
@@ -67,6 +68,8 @@ class PredictedNorm(nn.Module):
         anchor: Optional ``(mean, var)`` maps ``(H, W, C)`` that :meth:`propagate` returns
             instead of the prediction (the measured output moments, for ``anchored``).
     """
+
+    channelwise = True  # a per-channel map: moment propagation keeps the spatial correlation
 
     def __init__(self, bn: nn.Module) -> None:
         super().__init__()
@@ -231,6 +234,7 @@ def an_layer_errors(
     var: Optional[Tensor] = None,
     anchored: bool = False,
     decorrelated: Union[bool, str, Decorrelate] = False,
+    spatial: bool = True,
     batch_size: int = 200,
     generator: Optional[torch.Generator] = None,
 ) -> list[LayerError]:
@@ -246,6 +250,11 @@ def an_layer_errors(
         decorrelated: Decorrelate every node's inputs (True or ``"all"``: the rules'
             independence made true), only across positions (``"positions"``) or only across
             channels (``"channels"``); False or ``"none"``: as they are.
+        spatial: Give the propagation the images' lag covariance (measured on ``images``),
+            as an :class:`~bnprobe.norms.an_network.ANNetwork` has it: the first convolution's
+            variance and a max pool behind it use the spatial correlation
+            (:mod:`bnprobe.norms.spatial`). Not used with ``decorrelated`` (the images then
+            reach the first layer decorrelated).
         batch_size: Images per forward.
         generator: Random generator of ``decorrelated`` (None: a fresh one seeded 0).
 
@@ -265,7 +274,10 @@ def an_layer_errors(
     if mean is None or var is None:
         mean, var = dataset_channel_moments(images)
     size = tuple(images.shape[-2:])
-    propagate_graph(gm, mean, var, size)
+    cov = None
+    if spatial and what is Decorrelate.NONE:
+        cov = lag_covariance(images, min(LAG_RADIUS, size[0] - 1, size[1] - 1)).to(images)
+    propagate_graph(gm, mean, var, size, cov)
     inputs = {k: _Sums() for k in norms}
     outputs = {k: _Sums() for k in norms}
     first = _Sums()
@@ -290,7 +302,10 @@ def an_layer_errors(
     if anchored:  # predict again, from the measured input and normalization outputs
         for name, module in norms.items():
             module.anchor = tuple(t.to(module.mean) for t in outputs[name].maps())
-        propagate_graph(gm, *first.maps(), size)
+        start = first.maps()
+        if cov is not None:  # cov is centred on the channel means: stationary input moments
+            start = tuple(t.expand(*size, -1) for t in channel_moments(*start))
+        propagate_graph(gm, *start, size, cov)
     result = []
     for name, module in norms.items():
         in_m, in_v = inputs[name].maps()

@@ -66,7 +66,7 @@ the node, its target and the module type.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, fx, nn
 
@@ -188,6 +188,7 @@ def graph_moments(
     mean: Tensor,
     var: Tensor,
     input_size: Sequence[int],
+    cov: Optional[Tensor] = None,
 ) -> dict[str, NodeMoments]:
     """Like :func:`propagate_graph`, returning :class:`NodeMoments` (position maps).
 
@@ -196,6 +197,9 @@ def graph_moments(
         mean: Input channel means ``(C_in,)``, or per-position means ``(H, W, C_in)``.
         var: Input variances, same shape.
         input_size: Input ``(H, W)``.
+        cov: Optional lag covariance of the input ``(C_in, C_in, 2R+1, 2R+1)``
+            (:func:`~bnprobe.norms.spatial.lag_covariance`): convolutions reading the input
+            then use it (see :mod:`bnprobe.norms.spatial`).
 
     Returns:
         Node name -> moments of that node's output, for every tensor-valued node in
@@ -219,11 +223,18 @@ def graph_moments(
             f"propagate_graph: input moments must both be (C_in,) or (H, W, C_in) with (H, W) = "
             f"{size}, got {tuple(mean.shape)} and {tuple(var.shape)}"
         )
+    channels = int(mean.shape[-1])
+    if cov is not None and (cov.dim() != 4 or tuple(cov.shape[:2]) != (channels, channels)
+                            or cov.shape[2] != cov.shape[3] or cov.shape[2] % 2 != 1):  # fmt: skip
+        raise BnprobeError(
+            f"propagate_graph: the input's lag covariance must have shape ({channels}, {channels}, "
+            f"2R+1, 2R+1), got {tuple(cov.shape)}"
+        )
     env: dict[fx.Node, Any] = {}
     out: dict[str, NodeMoments] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":  # channel moments: every position has them
-            value: Any = NodeMoments(mean.expand(*size, -1), var.expand(*size, -1))
+            value: Any = NodeMoments(mean.expand(*size, -1), var.expand(*size, -1), cov=cov)
         elif node.op == "output":
             value = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
@@ -248,6 +259,7 @@ def propagate_graph(
     mean: Tensor,
     var: Tensor,
     input_size: Sequence[int],
+    cov: Optional[Tensor] = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Propagate input channel moments through a traced network, storing them in AN layers.
 
@@ -264,6 +276,7 @@ def propagate_graph(
             :func:`~bnprobe.norms.an.dataset_channel_moments`.
         var: Variances of the input, same shape.
         input_size: Spatial size ``(H, W)`` of the input.
+        cov: Optional lag covariance of the input (see :func:`graph_moments`).
 
     Returns:
         Node name -> per-channel ``(mean, var)`` of the node's output (the mixture over its
@@ -275,4 +288,4 @@ def propagate_graph(
             module type).
         BnprobeError: If the graph does not have exactly one input.
     """
-    return {k: v.channel() for k, v in graph_moments(gm, mean, var, input_size).items()}
+    return {k: v.channel() for k, v in graph_moments(gm, mean, var, input_size, cov).items()}

@@ -7,6 +7,9 @@ start of every forward it propagates the input moments through ``net``'s torch.f
 normalizes by; then it runs ``net`` itself. The forward is ``net``'s own Python code, so
 flags read at run time (``self.training`` in dropout or stochastic depth) keep working; the
 graph (traced once, cached, sharing ``net``'s modules) serves the moment propagation only.
+The input moments include the images' lag covariance once training has filled them: the
+convolutions reading the images, and a max pool behind them, then use the images' spatial
+correlation (:mod:`bnprobe.norms.spatial`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class ANNetwork(nn.Module):
     def __init__(self, net: nn.Module, in_channels: int) -> None:
         super().__init__()
         self.net = net
-        self.input_moments = InputMoments(in_channels)
+        self.input_moments = InputMoments(in_channels, spatial=True)
         self.__dict__["_graph"] = None
 
     def graph(self) -> fx.GraphModule:
@@ -53,7 +56,7 @@ class ANNetwork(nn.Module):
             input_size: Spatial size ``(H, W)`` of the input.
         """
         m, v = self.input_moments()
-        propagate_graph(self.graph(), m, v, input_size)
+        propagate_graph(self.graph(), m, v, input_size, self.input_moments.covariance())
 
     def forward(self, x: Tensor) -> Tensor:
         """Propagate the input moments, then run ``net`` on ``x``."""

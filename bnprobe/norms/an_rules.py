@@ -44,6 +44,7 @@ from .moments import (
     leaky_relu_moments,
     product_moments,
 )
+from .spatial import conv2d_cov_moments
 from .syncbn import SyncBatchNorm2d
 from .wn import affine_moments
 
@@ -84,12 +85,20 @@ class NodeMoments:
         parts: For a sum ``A + act(Y)`` of a Gaussian ``A`` and such an output:
             ``(mean_A, var_A, Y, act)``, so that a closed-form nonlinearity of the sum is
             computed exactly (by quadrature over ``Y``) instead of Gaussianizing it.
+        cov: For the network's input: its stationary lag covariance ``(C, C, 2R+1, 2R+1)``
+            (:func:`~bnprobe.norms.spatial.lag_covariance`), which a convolution reading the
+            input uses for its exact variance (None: independent positions and channels).
+        corr: Per-channel spatial correlation ``(C, 2L+1, 2L+1)`` at small lags, where known
+            (the first convolution's output and per-channel maps of it), for a max pool of
+            correlated values (:mod:`bnprobe.norms.spatial`); None: independent.
     """
 
     mean: Tensor
     var: Tensor
     pre: Optional[tuple[NodeMoments, _Activation]] = field(default=None, repr=False)
     parts: Optional[tuple[Tensor, Tensor, NodeMoments, _Activation]] = field(default=None, repr=False)
+    cov: Optional[Tensor] = field(default=None, repr=False)
+    corr: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def size(self) -> _Size:
@@ -403,6 +412,10 @@ def _conv2d(call: RuleCall) -> NodeMoments:
     x = call.moments(0)
     if x.size is None:
         raise _Unsupported("Conv2d on flat features")
+    if x.cov is not None and conv.groups == 1 and conv.padding_mode == "zeros":
+        mean, var, corr = conv2d_cov_moments(x.mean, x.cov, conv.weight, conv.bias, conv.stride,
+                                             conv.padding, conv.dilation)  # fmt: skip
+        return NodeMoments(mean, var, corr=corr)
     return NodeMoments(*conv2d_map_moments(
         x.mean, x.var, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
         conv.groups, conv.padding_mode,
@@ -430,18 +443,26 @@ def _batch_norm(call: RuleCall) -> NodeMoments:
     else:
         inv = (bn.running_var + bn.eps).rsqrt()
         x_mean, x_var = (x.mean - bn.running_mean) * inv, x.var * inv * inv
-    return NodeMoments(*affine_moments(x_mean, x_var, bn.weight, bn.bias, getattr(bn, "noise", None)))
+    mean, var = affine_moments(x_mean, x_var, bn.weight, bn.bias, getattr(bn, "noise", None))
+    return NodeMoments(mean, var, corr=x.corr)
 
 
 def _propagate_method(module: nn.Module, x: NodeMoments) -> NodeMoments:
-    mean, var = module.propagate(x.mean, x.var)
+    # propagate_spatial(m, v, cov) -> (m, v, corr): a module reading the input, given its lag
+    # covariance; a module marked ``channelwise`` (per-channel maps) keeps the correlation
+    spatial = getattr(module, "propagate_spatial", None)
+    if x.cov is not None and callable(spatial):
+        mean, var, corr = spatial(x.mean, x.var, x.cov)
+    else:
+        mean, var = module.propagate(x.mean, x.var)
+        corr = x.corr if getattr(module, "channelwise", False) else None
     if mean.dim() != x.mean.dim() or var.shape != mean.shape:
         raise _Unsupported(
             f"its propagate(m, v) returned shapes {tuple(mean.shape)}, {tuple(var.shape)} for "
             f"input moments of shape {tuple(x.mean.shape)} (it must keep the (H, W) dims of a "
             "moment map, channels last)"
         )
-    return NodeMoments(mean, var)
+    return NodeMoments(mean, var, corr=corr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,11 +482,10 @@ def _avg_pool(x: NodeMoments, k, s, p, ceil_mode, include_pad, divisor) -> NodeM
 
 def _max_pool(x: NodeMoments, k, s, p, d, ceil_mode) -> NodeMoments:
     _spatial(x, "max_pool2d")
-    if x.pre is not None and x.pre[1].monotone:  # max commutes with the nondecreasing map
-        source, act = x.pre
-        return _elementwise(NodeMoments(*max_pool2d_map_moments(source.mean, source.var, k, s, p, d,
-                                                                ceil_mode)), act)  # fmt: skip
-    return NodeMoments(*max_pool2d_map_moments(x.mean, x.var, k, s, p, d, ceil_mode))
+    source, act = x.pre if x.pre is not None and x.pre[1].monotone else (x, _IDENTITY)
+    # max commutes with a nondecreasing map: pool its Gaussian input, map afterwards
+    pooled = max_pool2d_map_moments(source.mean, source.var, k, s, p, d, ceil_mode, source.corr)
+    return _elementwise(NodeMoments(*pooled), act)
 
 
 def _adaptive_avg_pool(x: NodeMoments, output_size) -> NodeMoments:

@@ -38,6 +38,8 @@ class ChannelAffine(nn.Module):
         scale: Whether to learn ``s`` (init 1).
     """
 
+    channelwise = True  # a per-channel map: moment propagation keeps the spatial correlation
+
     def __init__(self, channels: int, bias: bool = True, scale: bool = True) -> None:
         super().__init__()
         self.channels = channels

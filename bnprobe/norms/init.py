@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..noise import LearnedNoise, sigma_param_inverse
 from .an import ANConv2d, InputMoments, dataset_channel_moments
 from .block import ConvNorm
+from .spatial import LAG_RADIUS, lag_covariance
 from .standalone import FixedNorm
 from .wn import _WNBase
 
@@ -118,6 +119,10 @@ def init_input_moments_(
 ) -> int:
     """Fill every :class:`InputMoments` of a model from the training images.
 
+    Channel means and variances; for stores with ``spatial=True`` (those of
+    :class:`~bnprobe.norms.an_network.ANNetwork`) also the images' lag covariance
+    (:func:`~bnprobe.norms.spatial.lag_covariance`, radius 10 or less for small images).
+
     Args:
         model: The model.
         images: Training images ``(N, C, H, W)``, uint8 (scaled to [0, 1]) or float.
@@ -131,6 +136,10 @@ def init_input_moments_(
     if not stores:
         return 0
     m, v = dataset_channel_moments(images, mean, std)
+    cov = None
+    if any(store.spatial for store in stores) and images.dim() == 4:
+        radius = min(LAG_RADIUS, int(images.shape[-2]) - 1, int(images.shape[-1]) - 1)
+        cov = lag_covariance(images, radius, mean, std)
     for store in stores:
-        store.set_(m.to(store.mean), v.to(store.var))
+        store.set_(m.to(store.mean), v.to(store.var), None if cov is None else cov.to(store.mean))
     return len(stores)

@@ -340,19 +340,26 @@ def max_pool2d_map_moments(
     padding: _IntPair = 0,
     dilation: _IntPair = 1,
     ceil_mode: bool = False,
+    corr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Moment maps of ``nn.MaxPool2d``: the maximum of a window of independent Gaussians.
+    """Moment maps of ``nn.MaxPool2d``: the maximum of a window of equicorrelated Gaussians.
 
     The ``n`` values of a window that lie inside the input (padding never wins) are taken as
-    independent draws from the window's mixture ``N(mu_w, s_w^2)`` (the mean of their means;
-    the mean of their variances plus the variance of their means; exact when the window's
-    values have equal moments, as away from the border of a stationary map). Their maximum has
-    moments ``(mu_w + s_w e1(n), s_w^2 e2(n))``, ``e1``/``e2`` those of the maximum of ``n``
-    standard normals (:func:`~bnprobe.norms.moments.max_of_gaussians_moments`).
+    draws from the window's mixture ``N(mu_w, s_w^2)`` (the mean of their means; the mean of
+    their variances plus the variance of their means), with a common pairwise correlation
+    ``r``: the mean of the channel's correlations ``corr`` at the offsets between them (0
+    without ``corr``: independent draws). Then ``X_i = mu_w + s_w (sqrt(r) Z_0 + sqrt(1 - r)
+    Z_i)`` and the maximum has moments ``(mu_w + s_w sqrt(1 - r) e1(n),
+    s_w^2 (r + (1 - r) e2(n)))``, ``e1``/``e2`` those of the maximum of ``n`` standard
+    normals (:func:`~bnprobe.norms.moments.max_of_gaussians_moments`). Exact when the
+    window's values have equal moments and equal correlations; for a 3x3 window of a field
+    with correlation ``rho^(|dy| + |dx|)`` the mean is within 0.05 sd and the variance within
+    1% of Monte Carlo.
 
-    The independence is the weak point: neighbouring activations of natural images are
-    strongly positively correlated, so the true maximum is much closer to a single value than
-    the maximum of ``n`` independent ones (smaller mean, larger variance).
+    Neighbouring activations of natural images are strongly positively correlated: taken as
+    independent, the maximum of a window is overestimated (resnet18's stem pool on CIFAR-10:
+    by 0.4 sd) and its variance underestimated. Graph propagation passes ``corr`` where it is
+    known (the first convolution, :mod:`bnprobe.norms.spatial`).
 
     Args:
         m: Means ``(H, W, C)``.
@@ -362,6 +369,8 @@ def max_pool2d_map_moments(
         padding: Padding (``-inf``).
         dilation: Dilation.
         ceil_mode: ``ceil_mode``.
+        corr: Optional per-channel correlation ``(C, 2L + 1, 2L + 1)`` at offsets up to
+            ``L`` (centre 1); offsets beyond ``L`` count as uncorrelated.
 
     Returns:
         ``(mean, var)`` maps.
@@ -390,9 +399,28 @@ def max_pool2d_map_moments(
         first, second = _max_normal_moments(int(value))
         e1 = torch.where(counts == value, torch.full_like(e1, first), e1)
         e2 = torch.where(counts == value, torch.full_like(e2, second), e2)
-    mean = mu + spread.clamp_min(_var_floor(spread.dtype)).sqrt() * e1
-    var = spread * e2
+    sd = spread.clamp_min(_var_floor(spread.dtype)).sqrt()
+    if corr is None:
+        mean, var = mu + sd * e1, spread * e2
+    else:
+        r = _window_correlation(corr.to(m), mask[0], k, d)  # (C, L)
+        mean = mu + sd * (1.0 - r).sqrt() * e1
+        var = spread * (r + (1.0 - r) * e2)
     return mean.t().reshape(out[0], out[1], channels), var.t().reshape(out[0], out[1], channels)
+
+
+def _window_correlation(corr: Tensor, mask: Tensor, k: tuple[int, int], d: tuple[int, int]) -> Tensor:
+    # mean correlation over the pairs of a window's values inside the input: (C, L) (0 for n = 1)
+    lag = corr.shape[-1] // 2
+    ty, tx = torch.meshgrid(torch.arange(k[0]), torch.arange(k[1]), indexing="ij")
+    ty, tx = (ty.reshape(-1) * d[0]).to(corr.device), (tx.reshape(-1) * d[1]).to(corr.device)
+    oy, ox = ty[None, :] - ty[:, None], tx[None, :] - tx[:, None]  # (K, K) offsets
+    near = ((oy.abs() <= lag) & (ox.abs() <= lag)).to(corr.dtype)
+    pair = corr[:, oy.clamp(-lag, lag) + lag, ox.clamp(-lag, lag) + lag] * near  # (C, K, K)
+    pair = pair * (1.0 - torch.eye(pair.shape[-1], dtype=corr.dtype, device=corr.device))
+    total = torch.einsum("ckj,kl,jl->cl", pair, mask, mask)
+    n = mask.sum(dim=0)
+    return (total / (n * (n - 1)).clamp_min(1.0)).clamp(0.0, 1.0)
 
 
 def flatten_map_moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,8 @@ __all__ = ["ANNorm", "FixedNorm"]
 class _ChannelNorm(nn.Module):
     """Shared parts: ``scale`` s (init 1), ``bias`` b (init 0), ``noise``, ``eps``."""
 
+    channelwise = True  # a per-channel map: moment propagation keeps the spatial correlation
+
     def __init__(
         self, channels: int, eps: float, bias: bool, scale: bool, noise: Optional[nn.Module]
     ) -> None:
