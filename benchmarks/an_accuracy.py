@@ -10,6 +10,9 @@ variance). Modes: chain (the AN network as is; errors compound), anchored (each 
 predicted from the measured outputs of the previous normalizations), decorrelated (the
 rules' independence assumption made true; chain predictions), decorrelated-positions and
 decorrelated-channels (only one of the two correlations removed: which one the rules miss).
+Predictions use the images' lag covariance at the first conv and the stem pool, as an
+ANNetwork does; a mode with ``-independent`` (``chain-independent``, ``anchored-independent``)
+takes the images as independent too (``an_layer_errors(spatial=False)``).
 A last line per mode gives the range of the pooled ratio and the layers within 10% of it.
 
 Usage: python benchmarks/an_accuracy.py --arch resnet18 --images 2000 [--data /tmp/cifar10]
@@ -85,7 +88,8 @@ def main() -> None:
     results = {}
     for mode in modes:
         t0 = time.perf_counter()
-        results[mode] = an_layer_errors(model, x, anchored="anchored" in mode, decorrelated=_what(mode))
+        results[mode] = an_layer_errors(model, x, anchored="anchored" in mode, decorrelated=_what(mode),
+                                        spatial="independent" not in mode)  # fmt: skip
         print(f"# {mode}: {time.perf_counter() - t0:.1f} s")
     print(f"# {args.arch} at init (seed {args.seed}), {x.shape[0]} {source}")
     head = " | ".join(f"{m} \\|dm\\|/sd | {m} var ratio | {m} pooled" for m in modes)

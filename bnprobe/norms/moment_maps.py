@@ -12,9 +12,10 @@ place, see the *channel* moments: the mixture over positions (:func:`channel_mom
 Approximations: the activations are independent across positions and channels (so the
 variance of a weighted sum is the weighted sum of variances; spatially correlated inputs, such
 as natural images, have per-channel variances that differ from this, above or below depending
-on the filter); the values in a max-pooling window are independent Gaussians (see
-:func:`max_pool2d_map_moments`). Given independent inputs, convolutions and average pools are
-exact.
+on the filter: :mod:`bnprobe.norms.spatial` has the exact rule for a convolution of the
+images); the values in a max-pooling window are equicorrelated Gaussians, independent unless
+a correlation is given (see :func:`max_pool2d_map_moments`). Given independent inputs,
+convolutions and average pools are exact.
 """
 
 from __future__ import annotations
