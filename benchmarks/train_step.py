@@ -13,7 +13,7 @@ convolutions do not: on ImageNet-style nets at 32x32 that saving enters the rati
 script also prints AN against WN (the same convolutions), the cost of the moments alone.
 
 Usage: python benchmarks/train_step.py [--arch allcnn] [--width 0.25] [--steps 10] [--repeats 7]
-       [--threads 1]
+       [--threads 1] [--no-input-covariance]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from bnprobe.models import build_model
 from bnprobe.models.registry import noise_layers
 from bnprobe.noise.network import set_noise_generator
 from bnprobe.norms.an import InputMoments, dataset_channel_moments
+from bnprobe.norms.spatial import LAG_RADIUS, lag_covariance
 from bnprobe.options import resolve_device
 from bnprobe.training import TrainConfig
 from bnprobe.training.setup import make_optimizer, step_hooks
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-input-covariance", action="store_true",
+                        help="AN without the images' lag covariance (independent input positions)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -59,6 +62,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = random_images(n, device, g)
     moments = dataset_channel_moments(data.images.cpu(), data.norm.mean, data.norm.std)
+    # AN networks keep the images' lag covariance, as training fills it (bnprobe.norms.spatial)
+    cov = None if args.no_input_covariance else lag_covariance(data.images.cpu(), LAG_RADIUS, data.norm.mean,
+                                                                data.norm.std)  # fmt: skip
     configs = {
         "bn": ("bn", {}),
         "wn": ("wn", {}),
@@ -76,7 +82,7 @@ def main() -> None:
         model = build_model(args.arch, kwargs, seed=0).to(device)
         for store in model.modules():
             if isinstance(store, InputMoments):
-                store.set_(*moments)
+                store.set_(*moments, cov)
         set_noise_generator(model, torch.Generator(device=device).manual_seed(1))
         config = TrainConfig(norm=norm_name, lr=lr, learn_noise=extra.get("learn_noise", "off")).validate()
         optimizer = make_optimizer(model, config, lr)

@@ -493,7 +493,7 @@ class InputMoments(nn.Module):
         """
         self.mean.copy_(torch.as_tensor(mean))
         self.var.copy_(torch.as_tensor(var))
-        if cov is not None and self.spatial:
+        if cov is not None and getattr(self, "spatial", False):
             self.cov = torch.as_tensor(cov).to(self.mean).clone()
 
     def covariance(self) -> Optional[Tensor]:
@@ -504,7 +504,7 @@ class InputMoments(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # fmt: skip
         key = prefix + "cov"
-        if self.spatial and key in state_dict:  # take the saved shape (the radius may differ)
+        if getattr(self, "spatial", False) and key in state_dict:  # the saved shape (radius) wins
             self.cov = torch.empty_like(state_dict[key], device=self.mean.device, dtype=self.mean.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip

@@ -137,7 +137,7 @@ def init_input_moments_(
         return 0
     m, v = dataset_channel_moments(images, mean, std)
     cov = None
-    if any(store.spatial for store in stores) and images.dim() == 4:
+    if any(getattr(store, "spatial", False) for store in stores) and images.dim() == 4:
         radius = min(LAG_RADIUS, int(images.shape[-2]) - 1, int(images.shape[-1]) - 1)
         cov = lag_covariance(images, radius, mean, std)
     for store in stores:

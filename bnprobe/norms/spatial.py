@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moment_maps import _explicit_pads, _IntPair, _nchw, _out_length, _pair
+from .moment_maps import _explicit_pads, _IntPair, _nchw, _pair
 from .moments import _var_floor
 
 __all__ = ["LAG_RADIUS", "conv2d_cov_moments", "lag_covariance"]
@@ -128,16 +128,12 @@ def _at_lags(cov: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return cov[:, :, r, c] * inside.to(cov.dtype)
 
 
-def _pair_masks(size: int, out: int, k: int, s: int, p: int, d: int, device) -> Tensor:
-    # M[delta + k - 1, a, o] = 1 where taps a and a + delta of output o both read inside the input
-    a = torch.arange(k, device=device)
-    delta = torch.arange(-(k - 1), k, device=device)
-    o = torch.arange(out, device=device)
-    first = o[None, None, :] * s - p + a[None, :, None] * d
-    second = first + delta[:, None, None] * d
-    inside = (first >= 0) & (first < size) & (second >= 0) & (second < size)
-    in_kernel = ((a[None, :] + delta[:, None]) >= 0) & ((a[None, :] + delta[:, None]) < k)
-    return (inside & in_kernel[:, :, None]).to(torch.float64)
+def _tap_pairs(size: int, out: int, k: int, s: int, p: int, d: int, like: Tensor) -> Tensor:
+    # M[u, v, o] = 1 where taps u and v of output o both read inside the input
+    taps = torch.arange(k, device=like.device) * d
+    reads = torch.arange(out, device=like.device)[None, :] * s - p + taps[:, None]  # (k, out)
+    inside = ((reads >= 0) & (reads < size)).to(like.dtype)
+    return inside[:, None, :] * inside[None, :, :]
 
 
 def conv2d_cov_moments(
@@ -189,31 +185,42 @@ def conv2d_cov_moments(
     else:
         p = _pair(padding)
     size = (int(m.shape[0]), int(m.shape[1]))
-    out = [_out_length(size[i], (kh, kw)[i], s[i], p[i], d[i], False) for i in range(2)]
-    mean = F.conv2d(_nchw(m, weight), weight, bias, s, p if not isinstance(padding, str) else padding, d)
+    mean = F.conv2d(_nchw(m, weight), weight, bias, s, padding if isinstance(padding, str) else p, d)
     mean = mean.squeeze(0).permute(1, 2, 0)
+    out = (int(mean.shape[0]), int(mean.shape[1]))  # "same" may pad one more on the far side
 
-    w = weight.to(torch.float64)
-    dev = weight.device
-    # shifted[o, c', Y, X, y, x] = w[o, c', y + dY, x + dX] (zero outside the kernel), dY = Y - kh + 1
-    shifted = F.pad(w, (kw - 1, kw - 1, kh - 1, kh - 1)).unfold(2, kh, 1).unfold(3, kw, 1)
-    dy = torch.arange(-(kh - 1), kh, device=dev)
-    dx = torch.arange(-(kw - 1), kw, device=dev)
-    c_tap = _at_lags(cov.to(device=dev, dtype=torch.float64), (dy * d[0])[:, None], (dx * d[1])[None, :])
-    # g[o, Y, X, y, x] = sum_{c, c'} w[o, c, y, x] C[c, c', lag] w[o, c', y + dY, x + dX]
-    g = (torch.einsum("ocyx,cdYX->odYXyx", w, c_tap) * shifted).sum(dim=1)
-    my = _pair_masks(size[0], out[0], kh, s[0], p[0], d[0], dev)  # (2kh-1, kh, H')
-    mx = _pair_masks(size[1], out[1], kw, s[1], p[1], d[1], dev)
-    t = torch.einsum("Xxq,oYXyx->oYyq", mx, g)
-    var = torch.einsum("Yyp,oYyq->pqo", my, t)
+    cov = cov.to(weight)
+    ty = torch.arange(kh, device=weight.device) * d[0]
+    tx = torch.arange(kw, device=weight.device) * d[1]
 
-    # kernel cross-correlation k[o, c, c', Y, X] = sum_a w[o, c, a] w[o, c', a + delta]
-    k = torch.einsum("ocyx,odYXyx->ocdYX", w, shifted)
-    big = torch.arange(-lags, lags + 1, device=dev)
-    rows = big[:, None, None, None] * s[0] + dy[None, None, :, None] * d[0]  # (D, 1, Y, 1)
-    cols = big[None, :, None, None] * s[1] + dx[None, None, None, :] * d[1]  # (1, E, 1, X)
-    c_out_lag = _at_lags(cov.to(device=dev, dtype=torch.float64), rows, cols)  # (C, C, D, E, Y, X)
-    lag_cov = torch.einsum("ocdYX,cdDEYX->oDE", k, c_out_lag)
-    centre = lag_cov[:, lags, lags].clamp_min(_var_floor(torch.float64))
-    corr = (lag_cov / centre[:, None, None]).clamp(-1.0, 1.0)
-    return mean, var.clamp_min(0.0).to(weight.dtype), corr.detach().to(weight.dtype)
+    def patch(dy: Tensor, dx: Tensor) -> Tensor:
+        # covariance of taps (c, y, x) and (c', Y, X) of outputs (dy, dx) apart:
+        # (..., c, c', y, x, Y, X), the tap offsets broadcast against the leading dims
+        rows = dy[..., None, None, None, None] + (ty[None, None, :, None] - ty[:, None, None, None])
+        cols = dx[..., None, None, None, None] + (tx[None, None, None, :] - tx[None, :, None, None])
+        values = _at_lags(cov, rows, cols)
+        return values.movedim((0, 1), (-6, -5)) if rows.dim() > 4 else values
+
+    # h[o, y, x, Y, X] = sum_{c, c'} w[o, c, y, x] C(tap (Y, X) - tap (y, x)) w[o, c', Y, X]
+    zero = torch.zeros((), dtype=torch.long, device=weight.device)
+    p0 = patch(zero, zero)  # (c, c', y, x, Y, X)
+    h = torch.einsum("ocyx,ocyxYX->oyxYX", weight, torch.einsum("cdyxYX,odYX->ocyxYX", p0, weight))
+    # sum over the tap pairs that both read inside the input, per output position
+    pairs_y = _tap_pairs(size[0], out[0], kh, s[0], p[0], d[0], weight)  # (y, Y, H')
+    pairs_x = _tap_pairs(size[1], out[1], kw, s[1], p[1], d[1], weight)  # (x, X, W')
+    var = torch.einsum("oyYq,yYp->pqo", torch.einsum("oyxYX,xXq->oyYq", h, pairs_x), pairs_y)
+
+    with torch.no_grad():  # interior correlation at output lags D: sum_delta K(delta) C(s D + d delta)
+        w = weight.detach()
+        # kernel cross-correlation k[o, c, c', dy, dx] = sum_a w[o, c, a] w[o, c', a + delta]
+        shifted = F.pad(w, (kw - 1, kw - 1, kh - 1, kh - 1)).unfold(2, kh, 1).unfold(3, kw, 1)
+        k = torch.einsum("ocyx,odYXyx->ocdYX", w, shifted)
+        lag = torch.arange(-lags, lags + 1, device=weight.device)
+        dy = torch.arange(-(kh - 1), kh, device=weight.device) * d[0]
+        dx = torch.arange(-(kw - 1), kw, device=weight.device) * d[1]
+        rows = (lag * s[0])[:, None, None, None] + dy[None, None, :, None]  # (D, 1, Y, 1)
+        cols = (lag * s[1])[None, :, None, None] + dx[None, None, None, :]  # (1, E, 1, X)
+        lag_cov = torch.einsum("ocdYX,cdDEYX->oDE", k, _at_lags(cov, rows, cols))
+        centre = lag_cov[:, lags, lags].clamp_min(_var_floor(weight.dtype))
+        corr = (lag_cov / centre[:, None, None]).clamp(-1.0, 1.0)
+    return mean, var.clamp_min(0.0), corr

@@ -95,6 +95,16 @@ def test_first_conv_variance_is_the_patch_quadratic_form(k, stride, padding, dil
     torch.testing.assert_close(corr[:, 2, 2], torch.ones(4, dtype=DT))
 
 
+def test_first_conv_variance_with_same_padding_of_an_even_kernel():
+    # "same" pads one more on the right/bottom for an even kernel: masks and size follow it
+    g = torch.Generator().manual_seed(4)
+    cov = lag_covariance(torch.randn(20, 2, 9, 9, generator=g, dtype=DT).cumsum(-1), 5)
+    w = torch.randn(3, 2, 4, 4, generator=g, dtype=DT)
+    _, var, _ = conv2d_cov_moments(torch.zeros(7, 7, 2, dtype=DT), cov, w, None, 1, "same", 1)
+    padded = _patch_variance(cov, torch.nn.functional.pad(w, (1, 0, 1, 0)), (7, 7), 1, 2, 1)
+    torch.testing.assert_close(var, padded)  # a 5x5 kernel with a zero first row/column, pad 2
+
+
 @pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 1), (2, 2, 2)])
 def test_first_conv_correlation_matches_the_definition(k, stride, dilation):
     g = torch.Generator().manual_seed(7 * k + stride)
