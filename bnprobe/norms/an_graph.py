@@ -58,7 +58,7 @@ Approximations (the rules themselves: :mod:`bnprobe.norms.moments`,
 
 Errors compound along a chain of analytic normalizations: a layer whose true variance is off
 by a factor hands that factor on to the next. At init on CIFAR-10, with the images' lag
-covariance: resnet18's pooled variance ratio (measured / predicted) is 0.94-1.18 over its 20
+covariance: resnet18's pooled variance ratio (measured / predicted) is 0.94-1.17 over its 20
 normalizations, rising by 1-3% per ReLU from heavy-tailed pre-activations (kurtosis 3.2-4.2:
 natural images' local activity, shared by the channels; on Gaussian images the chain stays
 within 0.94-1.02); mobilenet_v2's rises to 2.5 by its last layer (+4-9% per block after
