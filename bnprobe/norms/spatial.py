@@ -193,17 +193,11 @@ def conv2d_cov_moments(
     ty = torch.arange(kh, device=weight.device) * d[0]
     tx = torch.arange(kw, device=weight.device) * d[1]
 
-    def patch(dy: Tensor, dx: Tensor) -> Tensor:
-        # covariance of taps (c, y, x) and (c', Y, X) of outputs (dy, dx) apart:
-        # (..., c, c', y, x, Y, X), the tap offsets broadcast against the leading dims
-        rows = dy[..., None, None, None, None] + (ty[None, None, :, None] - ty[:, None, None, None])
-        cols = dx[..., None, None, None, None] + (tx[None, None, None, :] - tx[None, :, None, None])
-        values = _at_lags(cov, rows, cols)
-        return values.movedim((0, 1), (-6, -5)) if rows.dim() > 4 else values
-
-    # h[o, y, x, Y, X] = sum_{c, c'} w[o, c, y, x] C(tap (Y, X) - tap (y, x)) w[o, c', Y, X]
-    zero = torch.zeros((), dtype=torch.long, device=weight.device)
-    p0 = patch(zero, zero)  # (c, c', y, x, Y, X)
+    # p0[c, c', y, x, Y, X]: covariance of tap (c, y, x) and tap (c', Y, X) of one output
+    rows = ty[None, None, :, None] - ty[:, None, None, None]
+    cols = tx[None, None, None, :] - tx[None, :, None, None]
+    p0 = _at_lags(cov, rows, cols)
+    # h[o, y, x, Y, X] = sum_{c, c'} w[o, c, y, x] p0[c, c', y, x, Y, X] w[o, c', Y, X]
     h = torch.einsum("ocyx,ocyxYX->oyxYX", weight, torch.einsum("cdyxYX,odYX->ocyxYX", p0, weight))
     # sum over the tap pairs that both read inside the input, per output position
     pairs_y = _tap_pairs(size[0], out[0], kh, s[0], p[0], d[0], weight)  # (y, Y, H')
