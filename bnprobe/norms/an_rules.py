@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.polynomial.legendre import leggauss
@@ -260,11 +261,17 @@ def _compose(outer: _Activation, inner: _Activation) -> _Activation:
 _Z_RANGE = 8.0  # |z| beyond it carries a normal mass below 1e-15
 
 
+@functools.cache
+def _legendre_rule(order: int) -> tuple[np.ndarray, np.ndarray]:
+    # Gauss-Legendre nodes and weights on [-1, 1] (numpy computes them afresh on every call)
+    return leggauss(order)
+
+
 def _piecewise_rule(kinks: Sequence[float], y_m: Tensor, s: Tensor, order: int) -> tuple[Tensor, Tensor]:
     # Nodes z (..., n) and weights (..., n) summing to 1 for E[f(m + s Z)], Z ~ N(0, 1), where f
     # bends at the kinks: Gauss-Legendre on each piece of [-8, 8] between them, so that every
     # piece is smooth (Gauss-Hermite across a kink converges slowly: 64 nodes leave ~1e-2 errors)
-    x, gw = (torch.as_tensor(t, dtype=y_m.dtype, device=y_m.device) for t in leggauss(order))
+    x, gw = (torch.as_tensor(t, dtype=y_m.dtype, device=y_m.device) for t in _legendre_rule(order))
     bends = [((k - y_m) / s).clamp(-_Z_RANGE, _Z_RANGE) for k in sorted(kinks)]
     edges = [torch.full_like(y_m, -_Z_RANGE), *bends, torch.full_like(y_m, _Z_RANGE)]
     zs, ws = [], []
