@@ -27,7 +27,7 @@ from bnprobe.models import build_model
 from bnprobe.models.registry import noise_layers
 from bnprobe.noise.network import set_noise_generator
 from bnprobe.norms.an import InputMoments, dataset_channel_moments
-from bnprobe.norms.spatial import LAG_RADIUS, lag_covariance
+from bnprobe.norms.spatial import lag_covariance
 from bnprobe.options import resolve_device
 from bnprobe.training import TrainConfig
 from bnprobe.training.setup import make_optimizer, step_hooks
@@ -63,8 +63,7 @@ def main() -> None:
     data = random_images(n, device, g)
     moments = dataset_channel_moments(data.images.cpu(), data.norm.mean, data.norm.std)
     # AN networks keep the images' lag covariance, as training fills it (bnprobe.norms.spatial)
-    cov = None if args.no_input_covariance else lag_covariance(data.images.cpu(), LAG_RADIUS, data.norm.mean,
-                                                                data.norm.std)  # fmt: skip
+    cov = None if args.no_input_covariance else lag_covariance(data.images.cpu(), std=data.norm.std)
     configs = {
         "bn": ("bn", {}),
         "wn": ("wn", {}),

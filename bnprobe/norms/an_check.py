@@ -39,7 +39,7 @@ from ..errors import BnprobeError
 from .an import dataset_channel_moments
 from .an_graph import propagate_graph, trace
 from .moment_maps import channel_moments
-from .spatial import LAG_RADIUS, lag_covariance
+from .spatial import lag_covariance
 
 __all__ = ["Decorrelate", "LayerError", "PredictedNorm", "an_layer_errors", "with_predicted_norms"]
 
@@ -276,7 +276,7 @@ def an_layer_errors(
     size = tuple(images.shape[-2:])
     cov = None
     if spatial and what is Decorrelate.NONE:
-        cov = lag_covariance(images, min(LAG_RADIUS, size[0] - 1, size[1] - 1)).to(images)
+        cov = lag_covariance(images).to(images)
     propagate_graph(gm, mean, var, size, cov)
     inputs = {k: _Sums() for k in norms}
     outputs = {k: _Sums() for k in norms}
@@ -304,7 +304,7 @@ def an_layer_errors(
             module.anchor = tuple(t.to(module.mean) for t in outputs[name].maps())
         start = first.maps()
         if cov is not None:  # cov is centred on the channel means: stationary input moments
-            start = tuple(t.expand(*size, -1) for t in channel_moments(*start))
+            start = channel_moments(*start)
         propagate_graph(gm, *start, size, cov)
     result = []
     for name, module in norms.items():

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..noise import LearnedNoise, sigma_param_inverse
 from .an import ANConv2d, InputMoments, dataset_channel_moments
 from .block import ConvNorm
-from .spatial import LAG_RADIUS, lag_covariance
+from .spatial import lag_covariance
 from .standalone import FixedNorm
 from .wn import _WNBase
 
@@ -138,8 +138,7 @@ def init_input_moments_(
     m, v = dataset_channel_moments(images, mean, std)
     cov = None
     if any(getattr(store, "spatial", False) for store in stores) and images.dim() == 4:
-        radius = min(LAG_RADIUS, int(images.shape[-2]) - 1, int(images.shape[-1]) - 1)
-        cov = lag_covariance(images, radius, mean, std)
+        cov = lag_covariance(images, mean=mean, std=std)
     for store in stores:
         store.set_(m.to(store.mean), v.to(store.var), None if cov is None else cov.to(store.mean))
     return len(stores)

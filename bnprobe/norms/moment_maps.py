@@ -410,14 +410,23 @@ def max_pool2d_map_moments(
     return mean.t().reshape(out[0], out[1], channels), var.t().reshape(out[0], out[1], channels)
 
 
+def _at_offsets(table: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``table[..., R + rows, R + cols]`` of a table of offsets ``-R..R`` (last two dims).
+
+    ``rows`` and ``cols`` broadcast together; offsets beyond ``R`` give 0 (uncorrelated).
+    """
+    radius = (table.shape[-1] - 1) // 2
+    inside = (rows.abs() <= radius) & (cols.abs() <= radius)
+    r = (rows.clamp(-radius, radius) + radius).long()
+    c = (cols.clamp(-radius, radius) + radius).long()
+    return table[..., r, c] * inside.to(table.dtype)
+
+
 def _window_correlation(corr: Tensor, mask: Tensor, k: tuple[int, int], d: tuple[int, int]) -> Tensor:
     # mean correlation over the pairs of a window's values inside the input: (C, L) (0 for n = 1)
-    lag = corr.shape[-1] // 2
     ty, tx = torch.meshgrid(torch.arange(k[0]), torch.arange(k[1]), indexing="ij")
     ty, tx = (ty.reshape(-1) * d[0]).to(corr.device), (tx.reshape(-1) * d[1]).to(corr.device)
-    oy, ox = ty[None, :] - ty[:, None], tx[None, :] - tx[:, None]  # (K, K) offsets
-    near = ((oy.abs() <= lag) & (ox.abs() <= lag)).to(corr.dtype)
-    pair = corr[:, oy.clamp(-lag, lag) + lag, ox.clamp(-lag, lag) + lag] * near  # (C, K, K)
+    pair = _at_offsets(corr, ty[None, :] - ty[:, None], tx[None, :] - tx[:, None])  # (C, K, K)
     pair = pair * (1.0 - torch.eye(pair.shape[-1], dtype=corr.dtype, device=corr.device))
     total = torch.einsum("ckj,kl,jl->cl", pair, mask, mask)
     n = mask.sum(dim=0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moment_maps import _explicit_pads, _IntPair, _nchw, _pair
+from .moment_maps import _at_offsets, _explicit_pads, _IntPair, _nchw, _pair
 from .moments import _var_floor
 
 __all__ = ["LAG_RADIUS", "conv2d_cov_moments", "lag_covariance"]
@@ -53,7 +53,7 @@ CORR_LAGS = 2
 
 def lag_covariance(
     images: Union[np.ndarray, Tensor],
-    radius: int = LAG_RADIUS,
+    radius: Optional[int] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     channel_dim: int = 1,
@@ -72,7 +72,8 @@ def lag_covariance(
 
     Args:
         images: ``(N, C, H, W)`` (``channel_dim=1``) or ``(N, H, W, C)`` (``channel_dim=-1``).
-        radius: Largest lag ``R`` per axis (at most ``H - 1``, ``W - 1``).
+        radius: Largest lag ``R`` per axis (at most ``H - 1``, ``W - 1``; None:
+            :data:`LAG_RADIUS` or less for small images).
         mean: Per-channel normalization mean (accepted for symmetry; a shift changes nothing).
         std: Per-channel normalization std (None: no scaling).
         channel_dim: Dimension holding the channels.
@@ -89,6 +90,8 @@ def lag_covariance(
         raise ValueError("lag_covariance: no images")
     x = x.movedim(channel_dim, 1)
     n, channels, h, w = (int(s) for s in x.shape)
+    if radius is None:
+        radius = min(LAG_RADIUS, h - 1, w - 1)
     if not 0 <= radius < min(h, w):
         raise ValueError(f"lag_covariance: radius must be in [0, {min(h, w) - 1}], got {radius}")
     scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
@@ -97,19 +100,17 @@ def lag_covariance(
         total += x[start : start + chunk_size].to(torch.float64).sum(dim=(0, 2, 3)) * scale
     centre = (total / (n * h * w)).reshape(1, -1, 1, 1)
     size = (h + radius, w + radius)  # zero padding: no wrap-around up to the radius
-    lags = 2 * radius + 1
-    acc = torch.zeros(channels, channels, lags, lags, dtype=torch.float64, device=x.device)
+    lag = torch.arange(-radius, radius + 1, device=x.device)
+    rows, cols = lag % size[0], lag % size[1]  # where the FFT puts lag d
+    acc = torch.zeros(channels, channels, lag.numel(), lag.numel(), dtype=torch.float64, device=x.device)
     for start in range(0, n, chunk_size):
         chunk = x[start : start + chunk_size].to(torch.float64) * scale - centre
         f = torch.fft.rfft2(chunk, s=size)
         # corr[c, c', d] = sum_q x_c(q) x_c'(q + d): inverse FFT of conj(F_c) F_c'
         cross = torch.fft.irfft2(torch.einsum("nahw,nbhw->abhw", f.conj(), f), s=size)
-        rows = torch.arange(-radius, radius + 1, device=x.device) % size[0]
-        cols = torch.arange(-radius, radius + 1, device=x.device) % size[1]
         acc += cross[:, :, rows][:, :, :, cols]
-    lags_h = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64).abs()
-    lags_w = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64).abs()
-    pairs = n * (h - lags_h)[:, None] * (w - lags_w)[None, :]
+    far = lag.abs().to(torch.float64)
+    pairs = n * (h - far)[:, None] * (w - far)[None, :]
     cov = acc / pairs
     if std is not None:
         if len(std) != channels:
@@ -117,15 +118,6 @@ def lag_covariance(
         s = torch.as_tensor(std, dtype=torch.float64, device=x.device)
         cov = cov / (s[:, None, None, None] * s[None, :, None, None])
     return cov
-
-
-def _at_lags(cov: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    # cov[:, :, R + rows, R + cols] with zeros beyond the radius (rows/cols broadcast together)
-    radius = (cov.shape[-1] - 1) // 2
-    inside = (rows.abs() <= radius) & (cols.abs() <= radius)
-    r = (rows.clamp(-radius, radius) + radius).long()
-    c = (cols.clamp(-radius, radius) + radius).long()
-    return cov[:, :, r, c] * inside.to(cov.dtype)
 
 
 def _tap_pairs(size: int, out: int, k: int, s: int, p: int, d: int, like: Tensor) -> Tensor:
@@ -196,7 +188,7 @@ def conv2d_cov_moments(
     # p0[c, c', y, x, Y, X]: covariance of tap (c, y, x) and tap (c', Y, X) of one output
     rows = ty[None, None, :, None] - ty[:, None, None, None]
     cols = tx[None, None, None, :] - tx[None, :, None, None]
-    p0 = _at_lags(cov, rows, cols)
+    p0 = _at_offsets(cov, rows, cols)
     # h[o, y, x, Y, X] = sum_{c, c'} w[o, c, y, x] p0[c, c', y, x, Y, X] w[o, c', Y, X]
     h = torch.einsum("ocyx,ocyxYX->oyxYX", weight, torch.einsum("cdyxYX,odYX->ocyxYX", p0, weight))
     # sum over the tap pairs that both read inside the input, per output position
@@ -214,7 +206,7 @@ def conv2d_cov_moments(
         dx = torch.arange(-(kw - 1), kw, device=weight.device) * d[1]
         rows = (lag * s[0])[:, None, None, None] + dy[None, None, :, None]  # (D, 1, Y, 1)
         cols = (lag * s[1])[None, :, None, None] + dx[None, None, None, :]  # (1, E, 1, X)
-        lag_cov = torch.einsum("ocdYX,cdDEYX->oDE", k, _at_lags(cov, rows, cols))
+        lag_cov = torch.einsum("ocdYX,cdDEYX->oDE", k, _at_offsets(cov, rows, cols))
         centre = lag_cov[:, lags, lags].clamp_min(_var_floor(weight.dtype))
         corr = (lag_cov / centre[:, None, None]).clamp(-1.0, 1.0)
     return mean, var.clamp_min(0.0), corr
